@@ -1,0 +1,185 @@
+"""`okedit` command line: build, demo, validate, tiny-model.
+
+Errors a user can fix (bad options, a folder that holds another build, a missing file)
+print one line and exit with status 2; they never show a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+
+app = typer.Typer(
+    help="Build, validate (BalancEdit) and publish OKEDIT.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+tiny_app = typer.Typer(help="The tiny flagworld VLM used by the demo and the tests.")
+app.add_typer(tiny_app, name="tiny-model")
+console = Console()
+err_console = Console(stderr=True)
+
+DEMO_LIMIT = 40
+DEMO_OUT = Path("okedit-out/demo")
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _friendly(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        return f"invalid {where}: {first['msg']}"
+    return str(exc) or type(exc).__name__
+
+
+def _check_writable(out: Path) -> None:
+    probe = out if out.exists() else out.parent
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        _fail(f"cannot write to {out}: permission denied; choose another --out")
+
+
+def _run_build(cfg_kwargs: dict) -> dict:
+    from pipeline.config import BuildConfig
+    from pipeline.stages import ConfigError
+    from pipeline.work import BuildExistsError
+
+    try:
+        cfg = BuildConfig.model_validate(cfg_kwargs)
+    except ValidationError as exc:
+        _fail(_friendly(exc))
+    _check_writable(cfg.out)
+    from flows.build_okedit import build_okedit
+
+    try:
+        summary = build_okedit(config=cfg)
+    except (BuildExistsError, ConfigError, FileNotFoundError, PermissionError) as exc:
+        _fail(_friendly(exc))
+    _print_summary(summary)
+    return summary
+
+
+def _print_summary(summary: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title="OKEDIT build")
+    table.add_column("stage")
+    table.add_column("ok", justify="right")
+    table.add_column("rejected", justify="right")
+    for stage, counts in summary["stages"].items():
+        table.add_row(stage, str(counts["ok"]), str(counts["rejected"]))
+    console.print(table)
+    c = summary["counts"]
+    console.print(f"{c['in']} items in = {c['published']} published + {c['rejected']} rejected")
+    paths = summary["paths"]
+    console.print(f"dataset: [bold]{paths['data']}[/]")
+    console.print(f"card:    [bold]{paths['card']}[/]")
+    console.print(f"easyedit: {paths['easyedit']}")
+    if "plot" in paths:
+        console.print(f"plot:    {paths['plot']}")
+
+
+@app.command()
+def build(
+    source: Annotated[str, typer.Option(help="flagworld | okvqa-hub | okvqa-files")] = "flagworld",
+    limit: Annotated[Optional[int], typer.Option(help="at most this many items")] = None,  # noqa: UP045
+    seed: Annotated[int, typer.Option(help="sampling and generation seed")] = 0,
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("okedit-out/build"),
+    split: Annotated[str, typer.Option(help="source split")] = "val2014",
+    chunk_size: Annotated[int, typer.Option(help="items per task")] = 16,
+    annotator: Annotated[str, typer.Option(help="offline | llm")] = "offline",
+    llm_base_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible URL")] = None,  # noqa: UP045
+    llm_model: Annotated[str, typer.Option(help="LLM model name")] = "gpt-4o-mini",
+    validate: Annotated[bool, typer.Option(help="run the BalancEdit scope check")] = True,
+    model: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="VLM to validate with (Hub id or path; default: tiny flagworld VLM)"),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    filter_scope: Annotated[
+        bool, typer.Option("--filter-scope", help="drop items whose scope is ambiguous")
+    ] = False,
+) -> None:
+    """Build OKEDIT: gather, annotate, images, QC, BalancEdit validation, local publish."""
+    model_cfg: dict = {"device": device}
+    if model:
+        model_cfg["name_or_path"] = model
+    if limit is not None and limit < 1:
+        _fail(f"--limit must be a positive number of items, got {limit}")
+    _run_build(
+        {
+            "source": {"name": source, "split": split},
+            "limit": limit,
+            "seed": seed,
+            "out": out,
+            "chunk_size": chunk_size,
+            "annotator": {"kind": annotator, "llm_base_url": llm_base_url, "llm_model": llm_model},
+            "validation": {"enabled": validate, "model": model_cfg, "filter_scope": filter_scope},
+        }
+    )
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="output folder")] = DEMO_OUT,
+    limit: Annotated[int, typer.Option(help="items")] = DEMO_LIMIT,
+) -> None:
+    """The embedded default: flagworld, offline annotator, tiny VLM, BalancEdit, local publish."""
+    if limit < 1:
+        _fail(f"--limit must be a positive number of items, got {limit}")
+    _run_build({"limit": limit, "out": out})
+
+
+@app.command("validate")
+def validate_cmd(
+    dataset: Annotated[Path, typer.Argument(help="a published okedit folder (with data/)")],
+    model: Annotated[Optional[str], typer.Option(help="VLM (Hub id or path)")] = None,  # noqa: UP045
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    filter_scope: Annotated[bool, typer.Option("--filter-scope")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="write here (default: in place)")] = None,  # noqa: UP045
+) -> None:
+    """Re-validate an existing dataset folder with BalancEdit and refresh its card."""
+    from pipeline.revalidate import revalidate_folder
+
+    try:
+        summary = revalidate_folder(dataset, out or dataset, model, device, filter_scope)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(_friendly(exc))
+    _print_summary(summary)
+
+
+@tiny_app.command("train")
+def tiny_train(
+    out: Annotated[Optional[Path], typer.Option(help="where to save")] = None,  # noqa: UP045
+    seed: Annotated[int, typer.Option()] = 0,
+    budget_s: Annotated[float, typer.Option(help="training time budget, seconds")] = 300.0,
+) -> None:
+    """Train the tiny flagworld VLM (CPU, a few minutes) and report its accuracy."""
+    from pipeline.tiny_model import default_model_dir, train_flagworld_vlm
+
+    metrics = train_flagworld_vlm(out or default_model_dir(), seed=seed, budget_s=budget_s)
+    console.print_json(data=metrics)
+
+
+def main() -> None:  # pragma: no cover - console entry
+    try:
+        app()
+    except KeyboardInterrupt:
+        err_console.print("interrupted; re-run the same command to resume")
+        sys.exit(130)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,115 @@
+"""Publish: the local dataset folder (parquet with embedded images, EasyEdit export, card,
+manifest, plot); the Hugging Face Hub push builds on the same folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from importlib import metadata
+from pathlib import Path
+
+from datasets import Dataset
+
+from schemas.easyedit import export_easyedit
+from schemas.features import OKEDIT_FEATURES, to_hf_row
+from schemas.record import OkeditRecord, Rejection
+
+from pipeline.card import plot_scope, render_card
+
+SHARD_SIZE = 500  # records per parquet file; keeps files well under the Hub's 5 GB limit
+
+
+def package_versions() -> dict[str, str]:
+    names = ["okedit", "datasets", "transformers", "torch", "prefect", "openai", "pydantic"]
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def write_parquet(records: list[OkeditRecord], data_dir: Path) -> list[Path]:
+    """Parquet shards with image bytes embedded (never paths), named as the Hub expects."""
+    if data_dir.exists():
+        shutil.rmtree(data_dir)
+    data_dir.mkdir(parents=True)
+    shards = max(1, -(-len(records) // SHARD_SIZE))
+    paths = []
+    for i in range(shards):
+        part = records[i * SHARD_SIZE : (i + 1) * SHARD_SIZE]
+        dataset = Dataset.from_list([to_hf_row(r) for r in part], features=OKEDIT_FEATURES)
+        path = data_dir / f"train-{i:05d}-of-{shards:05d}.parquet"
+        dataset.to_parquet(str(path))
+        paths.append(path)
+    return paths
+
+
+def token_totals(records: list[OkeditRecord]) -> dict[str, int]:
+    prompt = sum(p.prompt_tokens for r in records for p in r.provenance)
+    completion = sum(p.completion_tokens for r in records for p in r.provenance)
+    return {"prompt": prompt, "completion": completion}
+
+
+def validation_summary(records: list[OkeditRecord]) -> dict:
+    validated = [r for r in records if r.validation.verdict != "not_run"]
+    verdicts: dict[str, int] = {}
+    for r in validated:
+        verdicts[r.validation.verdict] = verdicts.get(r.validation.verdict, 0) + 1
+    first = validated[0].validation if validated else None
+    return {
+        "validated": len(validated),
+        "verdicts": verdicts,
+        "model": first.model if first else None,
+        "editor": first.editor if first else None,
+        "key_variant": first.key_variant if first else None,
+        "edit_config": json.loads(first.edit_config) if first else None,
+    }
+
+
+def publish_local(
+    records: list[OkeditRecord],
+    rejections: list[Rejection],
+    out: Path,
+    manifest: dict,
+) -> dict[str, Path]:
+    """Write the dataset folder; returns the paths of what was written.
+
+    `manifest` carries the config, counts and annotator; versions, token totals and the
+    validation summary are added here. Files are written before the manifest, which is
+    written last and atomically, so a manifest means a complete folder.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    shards = write_parquet(records, out / "data")
+    easyedit_dir = out / "easyedit"
+    if easyedit_dir.exists():
+        shutil.rmtree(easyedit_dir)
+    easyedit = export_easyedit(records, easyedit_dir)
+    rejected_path = out / "rejected.jsonl"
+    rejected_path.write_text("".join(r.model_dump_json() + "\n" for r in rejections))
+    plot = plot_scope(records, out / "plots" / "scope.png")
+    manifest = {
+        **manifest,
+        "versions": package_versions(),
+        "tokens": token_totals(records),
+        "validation": validation_summary(records),
+        "files": {"data": [p.relative_to(out).as_posix() for p in shards]},
+    }
+    card = out / "README.md"
+    card.write_text(
+        render_card(records, rejections, manifest, plot.relative_to(out).as_posix() if plot else None)
+    )
+    manifest_path = out / "manifest.json"
+    tmp = manifest_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, default=str))
+    os.replace(tmp, manifest_path)
+    return {
+        "data": out / "data",
+        "easyedit": easyedit,
+        "card": card,
+        "manifest": manifest_path,
+        "rejected": rejected_path,
+        **({"plot": plot} if plot else {}),
+    }

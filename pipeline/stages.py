@@ -1,0 +1,195 @@
+"""The build as chunk-level stage functions over a `WorkDir`.
+
+Each function reads its inputs from the previous stage's chunk files, calls the plain stage
+function, and writes its own chunk (skipping chunks already done, which is what makes a
+re-run resume). They take only small, hashable arguments (a config, a chunk index, ids),
+so Prefect can wrap them as cached tasks without moving images through its results.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from functools import lru_cache
+
+from schemas.record import Annotation, ItemImages, OkeditRecord, Rejection, SourceItem
+
+from pipeline.build import build_records
+from pipeline.config import BuildConfig
+from pipeline.work import WorkDir
+
+
+def split_ok(results: list) -> tuple[list, list[Rejection]]:
+    ok = [r for r in results if not isinstance(r, Rejection)]
+    return ok, [r for r in results if isinstance(r, Rejection)]
+
+
+@lru_cache(maxsize=4)
+def _source(config_json: str):
+    from pipeline.sources import get_source
+
+    cfg = BuildConfig.model_validate_json(config_json)
+    return get_source(cfg.source, cache_dir=cfg.cache_dir)
+
+
+class ConfigError(ValueError):
+    """Settings that cannot work together."""
+
+
+def make_annotator(cfg: BuildConfig):
+    """The offline flagworld annotator, or the LLM annotator for real sources."""
+    if cfg.annotator.kind == "offline":
+        if cfg.source.name != "flagworld":
+            raise ConfigError(
+                "the offline annotator only knows the flagworld; use --annotator llm "
+                "with --llm-base-url for OK-VQA"
+            )
+        from pipeline.offline_annotator import FlagworldAnnotator
+
+        return FlagworldAnnotator(seed=cfg.seed)
+    from pipeline.annotate import make_annotator as make_llm_annotator
+
+    return make_llm_annotator(cfg)
+
+
+def make_image_backend(cfg: BuildConfig):
+    from pipeline.images import RenderBackend
+
+    if cfg.images.backend == "render":
+        if cfg.source.name != "flagworld":
+            raise ConfigError("the render backend draws flagworld flags only")
+        return RenderBackend(seed=cfg.seed)
+    raise ConfigError(f"unknown image backend {cfg.images.backend!r}")
+
+
+@lru_cache(maxsize=4)
+def _annotator(config_json: str):
+    return make_annotator(BuildConfig.model_validate_json(config_json))
+
+
+@lru_cache(maxsize=4)
+def _image_backend(config_json: str):
+    return make_image_backend(BuildConfig.model_validate_json(config_json))
+
+
+def list_ids(cfg: BuildConfig) -> list[str]:
+    return _source(cfg.model_dump_json()).list_ids(cfg.limit, cfg.seed)
+
+
+def chunked(ids: list[str], size: int) -> list[list[str]]:
+    return [ids[i : i + size] for i in range(0, len(ids), size)]
+
+
+def gather_chunk(cfg: BuildConfig, index: int, ids: list[str]) -> dict[str, int]:
+    work = WorkDir(cfg.out)
+    if work.is_done("gather", index):
+        return work.chunk_counts("gather", index)
+    results = _source(cfg.model_dump_json()).load_items(ids)
+    ok, rejected = split_ok(results)
+    # an id the source silently skipped is still accounted for
+    seen = {r.item_id for r in results}
+    rejected += [Rejection(item_id=i, stage="gather", reason="not returned by source") for i in ids if i not in seen]
+    return work.write_chunk("gather", index, ok, rejected)
+
+
+def annotate_chunk(cfg: BuildConfig, index: int) -> dict[str, int]:
+    work = WorkDir(cfg.out)
+    if work.is_done("annotate", index):
+        return work.chunk_counts("annotate", index)
+    items = work.read_ok("gather", index, SourceItem)
+    ok, rejected = split_ok(_annotator(cfg.model_dump_json()).annotate(items) if items else [])
+    return work.write_chunk("annotate", index, ok, rejected)
+
+
+def images_chunk(cfg: BuildConfig, index: int) -> dict[str, int]:
+    work = WorkDir(cfg.out)
+    if work.is_done("images", index):
+        return work.chunk_counts("images", index)
+    items = {i.item_id: i for i in work.read_ok("gather", index, SourceItem)}
+    anns = work.read_ok("annotate", index, Annotation)
+    pairs = [(items[a.item_id], a) for a in anns]
+    results = _image_backend(cfg.model_dump_json()).make_images(pairs) if pairs else []
+    ok, rejected = split_ok(results)
+    return work.write_chunk("images", index, ok, rejected)
+
+
+def assemble_chunk(cfg: BuildConfig, index: int) -> dict[str, int]:
+    work = WorkDir(cfg.out)
+    if work.is_done("assemble", index):
+        return work.chunk_counts("assemble", index)
+    records, rejected = build_records(
+        work.read_ok("gather", index, SourceItem),
+        work.read_ok("annotate", index, Annotation),
+        work.read_ok("images", index, ItemImages),
+        cfg.quality,
+    )
+    return work.write_chunk("assemble", index, records, rejected)
+
+
+def validate_chunk(cfg: BuildConfig, index: int) -> dict[str, int]:
+    """Edit the model once per record and store the scope verdict; errors stay per item."""
+    work = WorkDir(cfg.out)
+    if work.is_done("validate", index):
+        return work.chunk_counts("validate", index)
+    records = work.read_ok("assemble", index, OkeditRecord)
+    if cfg.validation.enabled and records:
+        from pipeline.validate import validate_records
+
+        records = validate_records(records, cfg.validation.editor, cfg.validation.model)
+    return work.write_chunk("validate", index, records, [])
+
+
+def collect(cfg: BuildConfig, n_chunks: int) -> tuple[list[OkeditRecord], list[Rejection], dict]:
+    """All validated records, every rejection, and per-stage counts."""
+    work = WorkDir(cfg.out)
+    records: list[OkeditRecord] = []
+    rejected: list[Rejection] = []
+    stage_counts = {}
+    for stage in ("gather", "annotate", "images", "assemble", "validate"):
+        counts = [work.chunk_counts(stage, i) for i in range(n_chunks)]
+        stage_counts[stage] = {
+            "ok": sum(c["ok"] for c in counts),
+            "rejected": sum(c["rejected"] for c in counts),
+        }
+        for i in range(n_chunks):
+            rejected += work.read_rejected(stage, i)
+    for i in range(n_chunks):
+        records += work.read_ok("validate", i, OkeditRecord)
+    return records, rejected, stage_counts
+
+
+def scope_filter(
+    records: list[OkeditRecord], enabled: bool
+) -> tuple[list[OkeditRecord], list[Rejection]]:
+    """`--filter scope`: drop items whose scope check was ambiguous."""
+    if not enabled:
+        return records, []
+    kept = [r for r in records if r.validation.verdict != "ambiguous"]
+    dropped = [
+        Rejection(item_id=r.item_id, stage="validate", reason=f"ambiguous scope: {r.validation.reason}")
+        for r in records
+        if r.validation.verdict == "ambiguous"
+    ]
+    return kept, dropped
+
+
+def finalize(cfg: BuildConfig, n_chunks: int, n_in: int) -> dict:
+    """Publish the local folder; returns the summary (counts reconcile: in = published + rejected)."""
+    from pipeline.publish import publish_local
+
+    records, rejected, stage_counts = collect(cfg, n_chunks)
+    records, dropped = scope_filter(records, cfg.validation.filter_scope)
+    rejected += dropped
+    counts = {"in": n_in, "published": len(records), "rejected": len(rejected)}
+    if counts["in"] != counts["published"] + counts["rejected"]:
+        raise RuntimeError(f"counts do not reconcile: {counts}")
+    manifest = {
+        "name": "OKEDIT",
+        "fingerprint": cfg.fingerprint(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": cfg.describe(),
+        "annotator": _annotator(cfg.model_dump_json()).name,
+        "counts": counts,
+        "stages": stage_counts,
+    }
+    paths = publish_local(records, rejected, cfg.out, manifest)
+    return {"counts": counts, "stages": stage_counts, "paths": {k: str(v) for k, v in paths.items()}}

@@ -1,0 +1,191 @@
+"""`datasets.Features` and a polars schema matching `OkeditRecord`.
+
+Images become `Image()` columns holding embedded bytes, so a parquet file is
+self-contained. `to_hf_row`/`from_hf_row` convert between the pydantic record and the row
+dicts `datasets` reads and writes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import polars as pl
+from datasets import Features, Image, List, Value
+
+from schemas.record import IMAGE_FIELDS, IMAGE_LIST_FIELDS, OkeditRecord
+
+_PROVENANCE = {
+    "field": Value("string"),
+    "backend": Value("string"),
+    "model": Value("string"),
+    "template_id": Value("string"),
+    "template_version": Value("string"),
+    "seed": Value("int64"),
+    "params": Value("string"),
+    "request_hash": Value("string"),
+    "timestamp": Value("string"),
+    "prompt_tokens": Value("int64"),
+    "completion_tokens": Value("int64"),
+}
+
+_METRICS = {
+    name: Value("float64")
+    for name in (
+        "reliability",
+        "text_generality",
+        "image_generality",
+        "locality_label",
+        "locality_agreement",
+        "text_locality_label",
+        "text_locality_agreement",
+        "hm",
+    )
+}
+
+_PROBE = {
+    "kind": Value("string"),
+    "index": Value("int64"),
+    "distance": Value("float64"),
+    "routed": Value("bool"),
+    "expected": Value("string"),
+    "pre_accuracy": Value("float64"),
+    "post_accuracy": Value("float64"),
+    "agreement": Value("float64"),
+}
+
+_VALIDATION = {
+    "verdict": Value("string"),
+    "reason": Value("string"),
+    "in_scope_ok": Value("bool"),
+    "out_of_scope_ok": Value("bool"),
+    "editor": Value("string"),
+    "model": Value("string"),
+    "key_variant": Value("string"),
+    "epsilon": Value("float64"),
+    "alpha": Value("float64"),
+    "edit_config": Value("string"),
+    "metrics": _METRICS,
+    "probes": List(_PROBE),
+    "seconds": Value("float64"),
+}
+
+OKEDIT_FEATURES = Features(
+    {
+        "item_id": Value("string"),
+        "source": Value("string"),
+        "question_id": Value("string"),
+        "image_id": Value("string"),
+        "question_type": Value("string"),
+        "image": Image(),
+        "question": Value("string"),
+        "answers": List(Value("string")),
+        "original_answer": Value("string"),
+        "majority_answer": Value("string"),
+        "image_object": Value("string"),
+        "target": Value("string"),
+        "counterfact_type": Value("string"),
+        "counterfact_votes": List(Value("string")),
+        "counterfact_reason": Value("string"),
+        "rephrases": List(Value("string")),
+        "rephrases_train": List(Value("string")),
+        "image_rephrases": List(Image()),
+        "locality_answer": Value("string"),
+        "locality_image_object": Value("string"),
+        "locality_images": List(Image()),
+        "locality_answer_train": Value("string"),
+        "locality_image_train_object": Value("string"),
+        "locality_image_train": Image(),
+        "text_negatives": List({"question": Value("string"), "answer": Value("string")}),
+        "provenance": List(_PROVENANCE),
+        "validation": _VALIDATION,
+    }
+)
+
+
+def _image_cell(data: bytes) -> dict[str, Any]:
+    return {"bytes": data, "path": None}
+
+
+def to_hf_row(record: OkeditRecord) -> dict[str, Any]:
+    """A row for `Dataset.from_list(..., features=OKEDIT_FEATURES)` with embedded image bytes."""
+    row = record.model_dump()
+    for name in IMAGE_FIELDS:
+        row[name] = _image_cell(row[name])
+    for name in IMAGE_LIST_FIELDS:
+        row[name] = [_image_cell(b) for b in row[name]]
+    return row
+
+
+def _image_bytes(cell: Any) -> bytes:
+    """Bytes of an image cell as `datasets` returns it (undecoded dict, or a PIL image)."""
+    if isinstance(cell, dict):
+        if cell.get("bytes"):
+            return cell["bytes"]
+        with open(cell["path"], "rb") as handle:
+            return handle.read()
+    if isinstance(cell, bytes | bytearray):
+        return bytes(cell)
+    from io import BytesIO
+
+    buffer = BytesIO()
+    cell.save(buffer, format=cell.format or "PNG")
+    return buffer.getvalue()
+
+
+def from_hf_row(row: dict[str, Any]) -> OkeditRecord:
+    """Inverse of `to_hf_row`; accepts decoded (PIL) or undecoded image cells."""
+    data = dict(row)
+    for name in IMAGE_FIELDS:
+        data[name] = _image_bytes(data[name])
+    for name in IMAGE_LIST_FIELDS:
+        data[name] = [_image_bytes(c) for c in data[name]]
+    return OkeditRecord.model_validate(data)
+
+
+# A flat view for fast statistics with polars (no image bytes).
+POLARS_STATS_SCHEMA = pl.Schema(
+    {
+        "item_id": pl.String,
+        "source": pl.String,
+        "question_type": pl.String,
+        "counterfact_type": pl.String,
+        "n_rephrases": pl.Int64,
+        "n_image_rephrases": pl.Int64,
+        "n_locality_images": pl.Int64,
+        "n_text_negatives": pl.Int64,
+        "verdict": pl.String,
+        "epsilon": pl.Float64,
+        "reliability": pl.Float64,
+        "text_generality": pl.Float64,
+        "image_generality": pl.Float64,
+        "locality_label": pl.Float64,
+        "text_locality_label": pl.Float64,
+        "hm": pl.Float64,
+    }
+)
+
+
+def stats_frame(records: list[OkeditRecord]) -> pl.DataFrame:
+    """One row per record with counts and validation metrics, for tables and plots."""
+    rows = [
+        {
+            "item_id": r.item_id,
+            "source": r.source,
+            "question_type": r.question_type,
+            "counterfact_type": r.counterfact_type,
+            "n_rephrases": len(r.rephrases),
+            "n_image_rephrases": len(r.image_rephrases),
+            "n_locality_images": len(r.locality_images),
+            "n_text_negatives": len(r.text_negatives),
+            "verdict": r.validation.verdict,
+            "epsilon": r.validation.epsilon,
+            "reliability": r.validation.metrics.reliability,
+            "text_generality": r.validation.metrics.text_generality,
+            "image_generality": r.validation.metrics.image_generality,
+            "locality_label": r.validation.metrics.locality_label,
+            "text_locality_label": r.validation.metrics.text_locality_label,
+            "hm": r.validation.metrics.hm,
+        }
+        for r in records
+    ]
+    return pl.DataFrame(rows, schema=POLARS_STATS_SCHEMA)
