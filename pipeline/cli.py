@@ -54,13 +54,17 @@ def _check_writable(out: Path) -> None:
 def _run_build(cfg_kwargs: dict) -> dict:
     from pipeline.config import BuildConfig
     from pipeline.stages import ConfigError
-    from pipeline.work import BuildExistsError
+    from pipeline.work import BuildExistsError, WorkDir
 
     try:
         cfg = BuildConfig.model_validate(cfg_kwargs)
     except ValidationError as exc:
         _fail(_friendly(exc))
     _check_writable(cfg.out)
+    try:
+        WorkDir(cfg.out).check(cfg.fingerprint())
+    except BuildExistsError as exc:
+        _fail(str(exc))
     from flows.build_okedit import build_okedit
 
     try:

@@ -79,11 +79,11 @@ class WorkDir:
     def chunk_counts(self, stage: str, index: int) -> dict[str, int]:
         return json.loads(self._chunk(stage, index, "done.json").read_text())
 
-    def claim(self, fingerprint: str, description: dict) -> bool:
-        """Bind this folder to one build. Returns True when resuming an earlier run.
+    def check(self, fingerprint: str) -> bool:
+        """True when this folder holds this build (resume), False when it is free.
 
-        Raises `BuildExistsError` when the folder holds a different build, so that no
-        earlier output is ever overwritten by an unrelated configuration.
+        Raises `BuildExistsError` when the folder holds a different build or other files,
+        so that no earlier output is ever overwritten by an unrelated configuration.
         """
         marker = self.root / "build.json"
         if marker.exists():
@@ -98,7 +98,13 @@ class WorkDir:
             raise BuildExistsError(
                 f"{self.out} is not empty and is not an okedit build; choose another --out"
             )
+        return False
+
+    def claim(self, fingerprint: str, description: dict) -> bool:
+        """Bind this folder to one build. Returns True when resuming an earlier run."""
+        if self.check(fingerprint):
+            return True
         self.root.mkdir(parents=True, exist_ok=True)
         payload = {"fingerprint": fingerprint, "config": description}
-        _atomic_write_bytes(marker, json.dumps(payload, indent=2).encode())
+        _atomic_write_bytes(self.root / "build.json", json.dumps(payload, indent=2).encode())
         return False

@@ -1,0 +1,389 @@
+"""The tiny flagworld VLM: a ~1.2 M parameter LLaVA trained on CPU to answer flagworld
+questions (design §9), shipped in `editors/assets/tiny-flagworld-vlm`.
+
+Recipe: pre-render a pool of augmented images per flag (plus the canonical render), sample
+(flag, relation, training template) batches, teacher-forced loss on the answer token (and
+on `</s>` after it, so generation stops), AdamW with warm-up + cosine. Everything is seeded;
+the step count (not the clock) defines the run, so the same seed gives the same weights.
+Evaluation uses fresh renders from a different seed, with the training and the held-out
+templates, and reports accuracy per look-alike group.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from PIL import Image
+from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+import editors
+from editors.tiny_vlm import (
+    DEFAULT_PROMPT_TEMPLATE,
+    IMAGE,
+    build_processor,
+    build_tiny_llava,
+    build_word_tokenizer,
+    count_parameters,
+    load_tiny_vlm,
+    okedit_meta,
+    save_tiny_vlm,
+    train_loop,
+)
+from pipeline.sources import flagworld as fw
+
+METRICS_FILE = "metrics.json"
+EVAL_SEED = 12345  # fresh renders: never the training pool's stream (seeds 0..999)
+IMAGE_SIZE = 64
+
+
+def default_model_dir() -> Path:
+    """Where the shipped model lives: `editors/assets/tiny-flagworld-vlm`."""
+    return Path(editors.__file__).resolve().parent / "assets" / "tiny-flagworld-vlm"
+
+
+@dataclass(frozen=True)
+class TinyVLMRecipe:
+    """Hyper-parameters of `train_flagworld_vlm` (all recorded in metrics.json)."""
+
+    seed: int = 0
+    steps: int = 2000
+    budget_s: float | None = 330.0  # safety net only; `steps` defines the run
+    lr: float = 1.5e-3
+    weight_decay: float = 0.01
+    batch_size: int = 64
+    pool_per_flag: int = 128  # augmented renders per flag (+ the canonical one)
+    train_eos: bool = True
+    model: dict[str, int] = field(default_factory=dict)  # build_tiny_llava overrides
+
+
+# ---------------------------------------------------------------------------------- data
+
+
+def _render_pool(codes: Sequence[str], per_flag: int, seed: int, canonical: bool) -> list[list]:
+    """`per_flag` augmented renders per flag, each from its own seeded stream so a flag's
+    renders do not depend on which other flags are rendered."""
+    pool: list[list[Image.Image]] = []
+    for i, code in enumerate(codes):
+        rng = random.Random(seed * 1_000_003 + i)
+        images = [fw.render_flag(code, size=IMAGE_SIZE)] if canonical else []
+        images += [fw.render_variant(code, rng, size=IMAGE_SIZE) for _ in range(per_flag)]
+        pool.append(images)
+    return pool
+
+
+def _pixels(processor: LlavaProcessor, images: Sequence[Image.Image]) -> torch.Tensor:
+    """Images through the model's own (PIL) image processor, in chunks."""
+    chunks = [
+        processor.image_processor(images=list(images[i : i + 512]), return_tensors="pt")[
+            "pixel_values"
+        ]
+        for i in range(0, len(images), 512)
+    ]
+    return torch.cat(chunks)
+
+
+def _prompt_ids(processor: LlavaProcessor, question: str, template: str) -> list[int]:
+    """Token ids of the prompt exactly as `LlavaProcessor` builds them (checked below)."""
+    n_image = (processor.image_processor.size["height"] // processor.patch_size) ** 2
+    text = template.format(question=question).replace(IMAGE, IMAGE * n_image)
+    return processor.tokenizer(text).input_ids
+
+
+def _answer_id(processor: LlavaProcessor, answer: str) -> int:
+    ids = processor.tokenizer(answer, add_special_tokens=False).input_ids
+    if len(ids) != 1 or ids[0] == processor.tokenizer.unk_token_id:
+        raise ValueError(f"answer {answer!r} is not one known token of the tokenizer: {ids}")
+    return ids[0]
+
+
+@dataclass
+class _Probe:
+    image: int  # row in a pixel tensor
+    prompt: list[int]
+    answer: int
+
+
+def _batch(
+    probes: Sequence[_Probe], pixels: torch.Tensor, pad_id: int, eos_id: int | None
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Right-padded teacher-forced batch; returns it and the index of each answer."""
+    extra = 2 if eos_id is not None else 1
+    width = max(len(p.prompt) for p in probes) + extra
+    ids = torch.full((len(probes), width), pad_id, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    mask = torch.zeros_like(ids)
+    where = torch.empty(len(probes), dtype=torch.long)
+    for row, p in enumerate(probes):
+        n = len(p.prompt)
+        seq = [*p.prompt, p.answer] + ([eos_id] if eos_id is not None else [])
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+        labels[row, n : len(seq)] = ids[row, n : len(seq)]  # loss on answer (+ eos) only
+        where[row] = n
+    images = pixels[torch.tensor([p.image for p in probes])]
+    batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": images, "labels": labels}
+    return batch, where
+
+
+@torch.no_grad()
+def _predict(
+    model: LlavaForConditionalGeneration,
+    probes: Sequence[_Probe],
+    pixels: torch.Tensor,
+    pad_id: int,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """Teacher-forced argmax at each probe's answer position."""
+    out = []
+    for i in range(0, len(probes), batch_size):
+        batch, where = _batch(probes[i : i + batch_size], pixels, pad_id, None)
+        batch.pop("labels")
+        logits = model(**batch).logits
+        out.append(logits[torch.arange(len(where)), where - 1].argmax(-1))
+    return torch.cat(out)
+
+
+# ------------------------------------------------------------------------------ training
+
+
+def build_flagworld_tokenizer_and_processor() -> LlavaProcessor:
+    """Word-level tokenizer over the world's vocabulary, wrapped in a LLaVA processor."""
+    tokenizer = build_word_tokenizer(fw.vocabulary())
+    return build_processor(tokenizer, image_size=IMAGE_SIZE, patch_size=16)
+
+
+def train_flagworld_vlm(
+    out_dir: str | Path | None = None,
+    seed: int = 0,
+    budget_s: float | None = 330.0,
+    *,
+    steps: int = TinyVLMRecipe.steps,
+    lr: float = TinyVLMRecipe.lr,
+    batch_size: int = TinyVLMRecipe.batch_size,
+    pool_per_flag: int = TinyVLMRecipe.pool_per_flag,
+    evaluate: bool = True,
+    eval_renders_per_flag: int = 8,
+    log: Callable[[str], None] = print,
+    log_every: int = 100,
+) -> dict[str, Any]:
+    """Train the tiny flagworld VLM, evaluate it on fresh renders, save it (model,
+    processor, okedit.json, metrics.json) to `out_dir` (default: `default_model_dir()`).
+
+    Returns the metrics. Deterministic for a seed on a given machine and thread count;
+    `budget_s` is only a safety net (metrics say `stopped_by_budget` if it fired)."""
+    recipe = TinyVLMRecipe(
+        seed=seed,
+        steps=steps,
+        budget_s=budget_s,
+        lr=lr,
+        batch_size=batch_size,
+        pool_per_flag=pool_per_flag,
+    )
+    wall = time.perf_counter()
+    model, processor, info = _train(recipe, log=log, log_every=log_every)
+    metrics: dict[str, Any] = {
+        "recipe": asdict(recipe),
+        "seed": seed,
+        "params": count_parameters(model),
+        **info,
+    }
+    if evaluate:
+        t = time.perf_counter()
+        metrics["eval"] = evaluate_model(
+            model, processor, seed=EVAL_SEED, renders_per_flag=eval_renders_per_flag
+        )
+        metrics["eval_seconds"] = round(time.perf_counter() - t, 2)
+    metrics["total_seconds"] = round(time.perf_counter() - wall, 2)
+    metrics["versions"] = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    out = Path(out_dir) if out_dir is not None else default_model_dir()
+    meta = okedit_meta(
+        processor,
+        DEFAULT_PROMPT_TEMPLATE,
+        world="flagworld",
+        answer_tokens=1,
+        max_new_tokens=1,
+        eos_after_answer=recipe.train_eos,
+        relations=list(fw.RELATIONS),
+        reproduce=f"okedit tiny-model train --seed {seed} --steps {steps}",
+    )
+    save_tiny_vlm(model, processor, out, meta)
+    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def _train(
+    recipe: TinyVLMRecipe, log: Callable[[str], None], log_every: int
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor, dict[str, Any]]:
+    t = time.perf_counter()
+    processor = build_flagworld_tokenizer_and_processor()
+    tok = processor.tokenizer
+    model = build_tiny_llava(tok, image_size=IMAGE_SIZE, seed=recipe.seed, **recipe.model)
+    codes = [c.code for c in fw.COUNTRIES]
+    pool = _render_pool(codes, recipe.pool_per_flag, recipe.seed, canonical=True)
+    per_flag = len(pool[0])
+    pixels = _pixels(processor, [im for images in pool for im in images])
+    prompts = {
+        rel: [_prompt_ids(processor, q, DEFAULT_PROMPT_TEMPLATE) for q in fw.TRAIN_TEMPLATES[rel]]
+        for rel in fw.RELATIONS
+    }
+    _check_against_processor(processor, pool[0][0], fw.TRAIN_TEMPLATES[fw.RELATIONS[0]][0])
+    answers = [[_answer_id(processor, fw.answer(c, rel)) for rel in fw.RELATIONS] for c in codes]
+    prep_s = time.perf_counter() - t
+    log(f"prepared {len(codes)} flags x {per_flag} images in {prep_s:.1f}s")
+
+    gen = torch.Generator().manual_seed(recipe.seed)  # the batch stream, independent of init
+    n_rel = len(fw.RELATIONS)
+    eos = tok.eos_token_id if recipe.train_eos else None
+
+    def batch_at(_step: int) -> dict[str, torch.Tensor]:
+        b = recipe.batch_size
+        flag = torch.randint(len(codes), (b,), generator=gen).tolist()
+        img = torch.randint(per_flag, (b,), generator=gen).tolist()
+        rel = torch.randint(n_rel, (b,), generator=gen).tolist()
+        tmpl = torch.randint(1 << 30, (b,), generator=gen).tolist()
+        probes = []
+        for f, i, r, q in zip(flag, img, rel, tmpl):
+            options = prompts[fw.RELATIONS[r]]
+            probes.append(_Probe(f * per_flag + i, options[q % len(options)], answers[f][r]))
+        return _batch(probes, pixels, tok.pad_token_id, eos)[0]
+
+    stats = train_loop(
+        model,
+        batch_at,
+        steps=recipe.steps,
+        lr=recipe.lr,
+        weight_decay=recipe.weight_decay,
+        seed=recipe.seed,
+        budget_s=recipe.budget_s,
+        log_every=log_every,
+        log=log,
+    )
+    stats["prep_seconds"] = round(prep_s, 2)
+    stats["train_seconds"] = stats.pop("seconds")
+    return model, processor, stats
+
+
+def _check_against_processor(processor: LlavaProcessor, image: Image.Image, q: str) -> None:
+    """Training must see exactly what the standard LLaVA path feeds the model."""
+    text = DEFAULT_PROMPT_TEMPLATE.format(question=q)
+    ref = processor(images=[image], text=[text], return_tensors="pt")["input_ids"][0].tolist()
+    mine = _prompt_ids(processor, q, DEFAULT_PROMPT_TEMPLATE)
+    if ref != mine:
+        raise RuntimeError(f"prompt tokenisation differs from LlavaProcessor: {mine} != {ref}")
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+def _groups() -> list[tuple[str, ...]]:
+    groups = fw.LOOKALIKE_GROUPS
+    values: Iterable[Any] = groups.values() if isinstance(groups, dict) else groups
+    return [tuple(g) for g in values]
+
+
+def evaluate_model(
+    model: LlavaForConditionalGeneration,
+    processor: LlavaProcessor,
+    seed: int = EVAL_SEED,
+    renders_per_flag: int = 8,
+) -> dict[str, Any]:
+    """Teacher-forced answer accuracy on fresh renders (`seed` ≠ the training pool's) and
+    on the canonical render, per template set, relation and look-alike group."""
+    tok = processor.tokenizer
+    codes = [c.code for c in fw.COUNTRIES]
+    pool = _render_pool(codes, renders_per_flag, seed, canonical=False)
+    fresh = _pixels(processor, [im for images in pool for im in images])
+    canon = _pixels(processor, [fw.render_flag(c, size=IMAGE_SIZE) for c in codes])
+    sets = {"train": fw.TRAIN_TEMPLATES, "heldout": fw.HELDOUT_TEMPLATES}
+    paraphrases = getattr(fw, "PARAPHRASE_TEMPLATES", None)
+    if isinstance(paraphrases, dict) and paraphrases:
+        sets["paraphrase"] = paraphrases
+
+    def probes_for(templates: dict[str, Sequence[str]], per_flag: int) -> list[tuple]:
+        rows = []
+        for f, code in enumerate(codes):
+            for rel in fw.RELATIONS:
+                answer = _answer_id(processor, fw.answer(code, rel))
+                for q in templates.get(rel, ()):
+                    prompt = _prompt_ids(processor, q, DEFAULT_PROMPT_TEMPLATE)
+                    for i in range(per_flag):
+                        rows.append((code, rel, _Probe(f * per_flag + i, prompt, answer)))
+        return rows
+
+    result: dict[str, Any] = {"eval_seed": seed, "renders_per_flag": renders_per_flag}
+    by_code_rel: dict[tuple[str, str], list[bool]] = {}
+    country_pred: dict[str, list[int]] = {}
+    for name, templates in sets.items():
+        for label, pixels, per_flag in (("", fresh, renders_per_flag), ("canonical_", canon, 1)):
+            rows = probes_for(templates, per_flag)
+            pred = _predict(model, [r[2] for r in rows], pixels, tok.pad_token_id)
+            ok = [int(p) == r[2].answer for p, r in zip(pred.tolist(), rows)]
+            result[f"{label}{name}_templates"] = round(sum(ok) / max(1, len(ok)), 4)
+            result[f"{label}{name}_probes"] = len(ok)
+            if label or name == "paraphrase":
+                continue
+            for (code, rel, _), good, p in zip(rows, ok, pred.tolist()):
+                by_code_rel.setdefault((code, rel), []).append(good)
+                if rel == "country":
+                    country_pred.setdefault(code, []).append(p)
+
+    def acc(keys: Iterable[tuple[str, str]]) -> float:
+        flat = [g for k in keys for g in by_code_rel.get(k, [])]
+        return round(sum(flat) / max(1, len(flat)), 4)
+
+    result["per_relation"] = {
+        rel: acc((c, rel) for c in codes) for rel in fw.RELATIONS
+    }
+    country_id = {c: _answer_id(processor, fw.answer(c, "country")) for c in codes}
+    groups = {}
+    for group in _groups():
+        others = {c: {country_id[o] for o in group if o != c} for c in group}
+        confused = [p in others[c] for c in group for p in country_pred.get(c, [])]
+        groups["/".join(group)] = {
+            "all": acc((c, rel) for c in group for rel in fw.RELATIONS),
+            "country": acc((c, "country") for c in group),
+            "country_confused_within_group": round(sum(confused) / max(1, len(confused)), 4),
+        }
+    result["lookalike_groups"] = groups
+    result["per_flag"] = {c: acc((c, rel) for rel in fw.RELATIONS) for c in codes}
+    return result
+
+
+def evaluate_flagworld_vlm(
+    model_dir: str | Path | None = None, seed: int = EVAL_SEED, renders_per_flag: int = 8
+) -> dict[str, Any]:
+    """Load a saved tiny VLM (default: the shipped one) and evaluate it (see
+    `evaluate_model`)."""
+    model, processor, _ = load_tiny_vlm(model_dir if model_dir is not None else default_model_dir())
+    return evaluate_model(model, processor, seed=seed, renders_per_flag=renders_per_flag)
+
+
+def teacher_forced_accuracy(
+    model: LlavaForConditionalGeneration,
+    processor: LlavaProcessor,
+    probes: Sequence[tuple[Image.Image, str, str]],
+) -> float:
+    """Fraction of (image, question, answer) probes whose answer token is the argmax after
+    the prompt, through the standard processor path."""
+    tok = processor.tokenizer
+    pixels = _pixels(processor, [p[0] for p in probes])
+    rows = [
+        _Probe(i, _prompt_ids(processor, q, DEFAULT_PROMPT_TEMPLATE), _answer_id(processor, a))
+        for i, (_, q, a) in enumerate(probes)
+    ]
+    pred = _predict(model, rows, pixels, tok.pad_token_id)
+    return sum(int(p) == r.answer for p, r in zip(pred.tolist(), rows)) / max(1, len(rows))

@@ -1,0 +1,65 @@
+import json
+from pathlib import Path
+
+from datasets import Dataset, load_dataset
+from PIL import Image
+
+from schemas.easyedit import EASYEDIT_FIELDS, export_easyedit
+from schemas.features import OKEDIT_FEATURES, from_hf_row, stats_frame, to_hf_row
+from schemas.record import OkeditRecord, ProbeResult, Validation
+from tests.records import make_record
+
+
+def test_features_cover_every_record_field():
+    assert set(OKEDIT_FEATURES) == set(OkeditRecord.model_fields)
+
+
+def test_pydantic_to_parquet_and_back(tmp_path: Path):
+    validation = Validation(
+        verdict="ok",
+        epsilon=0.3,
+        probes=[ProbeResult(kind="edit", index=0, distance=0.0, routed=True, expected="lyon",
+                            pre_accuracy=0.0, post_accuracy=1.0)],
+    )
+    records = [make_record("a"), make_record("b", validation=validation)]
+    dataset = Dataset.from_list([to_hf_row(r) for r in records], features=OKEDIT_FEATURES)
+    path = tmp_path / "copy" / "train.parquet"
+    dataset.to_parquet(str(path))
+    loaded = load_dataset("parquet", data_files=str(path), split="train")
+    assert loaded.features == OKEDIT_FEATURES
+    assert isinstance(loaded[0]["image"], Image.Image)
+    back = [from_hf_row(row) for row in loaded.cast_column("image", OKEDIT_FEATURES["image"])]
+    assert back[1].validation == validation
+    assert back[0].model_dump(exclude={"image", "image_rephrases", "locality_images",
+                                       "locality_image_train"}) == records[0].model_dump(
+        exclude={"image", "image_rephrases", "locality_images", "locality_image_train"})
+    assert len(back[0].image_rephrases) == 10
+
+
+def test_parquet_embeds_image_bytes_not_paths(tmp_path: Path):
+    dataset = Dataset.from_list([to_hf_row(make_record())], features=OKEDIT_FEATURES)
+    path = tmp_path / "x.parquet"
+    dataset.to_parquet(str(path))
+    import pyarrow.parquet as pq
+
+    cell = pq.read_table(path).to_pylist()[0]["image"]
+    assert cell["bytes"] and cell["path"] is None
+
+
+def test_easyedit_export_has_11_nonempty_fields_and_resolvable_images(tmp_path: Path):
+    path = export_easyedit([make_record("a"), make_record("b")], tmp_path / "easyedit")
+    entries = json.loads(path.read_text())
+    assert len(entries) == 2
+    for entry in entries:
+        assert tuple(entry) == EASYEDIT_FIELDS
+        assert all(isinstance(v, str) and v.strip() for v in entry.values())
+        for key in ("image", "image_rephrase", "m_loc"):
+            assert not Path(entry[key]).is_absolute()
+            Image.open(path.parent / entry[key]).verify()
+    assert entries[0]["loc"].startswith("nq question: ")
+
+
+def test_stats_frame_counts():
+    frame = stats_frame([make_record("a"), make_record("b")])
+    assert frame["n_rephrases"].to_list() == [10, 10]
+    assert frame["verdict"].to_list() == ["not_run", "not_run"]
