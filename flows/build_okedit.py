@@ -15,7 +15,7 @@ from typing import Any
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
-from prefect import flow, task  # noqa: E402
+from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 from rich.progress import Progress  # noqa: E402
@@ -58,7 +58,7 @@ def _apply_overrides(config: BuildConfig | None, overrides: dict[str, Any]) -> B
     return BuildConfig.model_validate({**cfg.model_dump(), **updates})
 
 
-@flow(name="build-okedit", task_runner=ThreadPoolTaskRunner(max_workers=8), log_prints=True)
+@flow(name="build-okedit", task_runner=ThreadPoolTaskRunner(max_workers=8))
 def build_okedit(
     config: BuildConfig | None = None,
     source: str | None = None,
@@ -77,7 +77,8 @@ def build_okedit(
     resumed = WorkDir(cfg.out).claim(cfg.fingerprint(), cfg.describe())
     ids = stages.list_ids(cfg)
     chunks = stages.chunked(ids, cfg.chunk_size)
-    print(f"{len(ids)} items in {len(chunks)} chunks{' (resuming)' if resumed else ''}")
+    logger = get_run_logger()
+    logger.info("%d items in %d chunks%s", len(ids), len(chunks), " (resuming)" if resumed else "")
     indexed = list(range(len(chunks)))
     with Progress() as progress:
         _run_stage("gather", gather_task, [(cfg, i, c) for i, c in enumerate(chunks)], progress, True)

@@ -41,7 +41,9 @@ def build_records(
         record = assemble_record(item, ann, img)
         reasons = check_record(record, quality)
         if reasons:
-            rejected.append(Rejection(item_id=item.item_id, stage="build", reason="; ".join(reasons)))
+            rejected.append(
+                Rejection(item_id=item.item_id, stage="build", reason="; ".join(reasons))
+            )
         else:
             kept.append(record)
     return kept, rejected

@@ -74,8 +74,10 @@ def validation_table(records: list[OkeditRecord]) -> str:
     ]
     measured = frame.filter(pl.col("reliability") >= 0)
     means = measured.select([pl.col(c).mean().alias(c) for c in metric_cols])
-    return _markdown_table(verdicts) + "\n\nMean metrics over measured items:\n\n" + (
-        _markdown_table(means) if len(measured) else "(none measured)"
+    return (
+        _markdown_table(verdicts)
+        + "\n\nMean metrics over measured items:\n\n"
+        + (_markdown_table(means) if len(measured) else "(none measured)")
     )
 
 
@@ -149,6 +151,12 @@ def render_card(
     validation = manifest.get("validation", {})
     plot_md = f"![scope]({plot})\n" if plot else ""
     tokens = manifest.get("tokens", {})
+    checked = (
+        ", and every item was checked by editing a model with BalancEdit before publication"
+        if validation.get("validated")
+        else ""
+    )
+    split = manifest["config"]["source"].get("split", "-") if license_key == "okvqa" else "-"
     return f"""{_yaml_header(source, len(records))}
 # OKEDIT — {source}
 
@@ -156,14 +164,13 @@ OKEDIT is a benchmark for editing facts inside vision-language models: each item
 knowledge-based visual question with a counterfactual edit target, paraphrased questions and
 re-drawn images that the edit **should** reach (generality), and near-miss images and
 questions that it **should not** reach (locality). It follows BalancEdit (Guo et al., ICML
-2025). This build was made by [okedit](https://github.com/) and every item was checked by
-editing a model with BalancEdit before publication.
+2025). This build was made with okedit{checked}.
 
 ## How this build was made
 
 | setting | value |
 |---|---|
-| source | `{source}` (split `{manifest["config"]["source"]["split"]}`) |
+| source | `{source}` (split `{split}`) |
 | annotator | `{manifest["annotator"]}` |
 | image backend | `{manifest["config"]["images"]["backend"]}` |
 | validation model | `{validation.get("model", "-")}` |

@@ -117,9 +117,9 @@ def build(
     ] = False,
 ) -> None:
     """Build OKEDIT: gather, annotate, images, QC, BalancEdit validation, local publish."""
-    model_cfg: dict = {"device": device}
+    validation: dict = {"enabled": validate, "device": device, "filter_scope": filter_scope}
     if model:
-        model_cfg["name_or_path"] = model
+        validation["model"] = model
     if limit is not None and limit < 1:
         _fail(f"--limit must be a positive number of items, got {limit}")
     _run_build(
@@ -130,7 +130,7 @@ def build(
             "out": out,
             "chunk_size": chunk_size,
             "annotator": {"kind": annotator, "llm_base_url": llm_base_url, "llm_model": llm_model},
-            "validation": {"enabled": validate, "model": model_cfg, "filter_scope": filter_scope},
+            "validation": validation,
         }
     )
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -45,11 +45,34 @@ class ImageSettings(BaseModel):
     backend: Literal["render"] = "render"
 
 
+TINY_MODEL = "tiny-flagworld"  # the VLM shipped in editors/assets, trained on the flagworld
+
+
 class ValidateSettings(BaseModel):
     enabled: bool = True
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    editor: EditorConfig = Field(default_factory=EditorConfig)
+    model: str = TINY_MODEL  # or a Hub id or local path
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    # EditorConfig fields that override the editor defaults and the model's preset
+    editor: dict[str, Any] = Field(default_factory=dict)
     filter_scope: bool = False  # drop `ambiguous` items from the published set
+
+    def model_settings(self) -> ModelConfig:
+        if self.model == TINY_MODEL:
+            from pipeline.tiny_model import default_model_dir
+
+            path = default_model_dir()
+            if not (path / "config.json").exists():
+                raise FileNotFoundError(
+                    f"the tiny flagworld VLM is missing at {path}; run `okedit tiny-model train`"
+                )
+            return ModelConfig(
+                model=str(path), name=TINY_MODEL, device=self.device, dtype=self.dtype
+            )
+        return ModelConfig(model=self.model, device=self.device, dtype=self.dtype)
+
+    def editor_settings(self) -> EditorConfig:
+        return EditorConfig.for_model(self.model, **self.editor)
 
 
 class PublishSettings(BaseModel):

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
 from datasets import Dataset
+from datasets.utils import logging as datasets_logging
 
 from schemas.easyedit import export_easyedit
 from schemas.features import OKEDIT_FEATURES, to_hf_row
@@ -18,6 +20,18 @@ from schemas.record import OkeditRecord, Rejection
 from pipeline.card import plot_scope, render_card
 
 SHARD_SIZE = 500  # records per parquet file; keeps files well under the Hub's 5 GB limit
+
+
+@contextmanager
+def _quiet_datasets():
+    """Our own progress is shown by the flow; hide datasets' per-write bars."""
+    was_enabled = datasets_logging.is_progress_bar_enabled()
+    datasets_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets_logging.enable_progress_bar()
 
 
 def package_versions() -> dict[str, str]:
@@ -42,7 +56,8 @@ def write_parquet(records: list[OkeditRecord], data_dir: Path) -> list[Path]:
         part = records[i * SHARD_SIZE : (i + 1) * SHARD_SIZE]
         dataset = Dataset.from_list([to_hf_row(r) for r in part], features=OKEDIT_FEATURES)
         path = data_dir / f"train-{i:05d}-of-{shards:05d}.parquet"
-        dataset.to_parquet(str(path))
+        with _quiet_datasets():
+            dataset.to_parquet(str(path))
         paths.append(path)
     return paths
 
@@ -99,7 +114,9 @@ def publish_local(
     }
     card = out / "README.md"
     card.write_text(
-        render_card(records, rejections, manifest, plot.relative_to(out).as_posix() if plot else None)
+        render_card(
+            records, rejections, manifest, plot.relative_to(out).as_posix() if plot else None
+        )
     )
     manifest_path = out / "manifest.json"
     tmp = manifest_path.with_suffix(".json.tmp")

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from datasets import load_dataset
 
-from editors.config import EditorConfig, ModelConfig
 from schemas.features import OKEDIT_FEATURES, from_hf_row
 from schemas.record import OkeditRecord, Rejection
 
+from pipeline.config import ValidateSettings
 from pipeline.publish import publish_local
 from pipeline.stages import scope_filter
 
@@ -42,8 +42,8 @@ def revalidate_folder(
     from pipeline.validate import validate_records
 
     records, rejected, manifest = read_folder(folder)
-    model_cfg = ModelConfig(device=device, **({"name_or_path": model} if model else {}))
-    records = validate_records(records, EditorConfig(), model_cfg)
+    settings = ValidateSettings(device=device, **({"model": model} if model else {}))
+    records = validate_records(records, settings.editor_settings(), settings.model_settings())
     records, dropped = scope_filter(records, filter_scope)
     rejected += dropped
     counts = {

@@ -87,7 +87,11 @@ def gather_chunk(cfg: BuildConfig, index: int, ids: list[str]) -> dict[str, int]
     ok, rejected = split_ok(results)
     # an id the source silently skipped is still accounted for
     seen = {r.item_id for r in results}
-    rejected += [Rejection(item_id=i, stage="gather", reason="not returned by source") for i in ids if i not in seen]
+    rejected += [
+        Rejection(item_id=i, stage="gather", reason="not returned by source")
+        for i in ids
+        if i not in seen
+    ]
     return work.write_chunk("gather", index, ok, rejected)
 
 
@@ -134,7 +138,9 @@ def validate_chunk(cfg: BuildConfig, index: int) -> dict[str, int]:
     if cfg.validation.enabled and records:
         from pipeline.validate import validate_records
 
-        records = validate_records(records, cfg.validation.editor, cfg.validation.model)
+        records = validate_records(
+            records, cfg.validation.editor_settings(), cfg.validation.model_settings()
+        )
     return work.write_chunk("validate", index, records, [])
 
 
@@ -165,7 +171,9 @@ def scope_filter(
         return records, []
     kept = [r for r in records if r.validation.verdict != "ambiguous"]
     dropped = [
-        Rejection(item_id=r.item_id, stage="validate", reason=f"ambiguous scope: {r.validation.reason}")
+        Rejection(
+            item_id=r.item_id, stage="validate", reason=f"ambiguous scope: {r.validation.reason}"
+        )
         for r in records
         if r.validation.verdict == "ambiguous"
     ]
@@ -192,4 +200,8 @@ def finalize(cfg: BuildConfig, n_chunks: int, n_in: int) -> dict:
         "stages": stage_counts,
     }
     paths = publish_local(records, rejected, cfg.out, manifest)
-    return {"counts": counts, "stages": stage_counts, "paths": {k: str(v) for k, v in paths.items()}}
+    return {
+        "counts": counts,
+        "stages": stage_counts,
+        "paths": {k: str(v) for k, v in paths.items()},
+    }

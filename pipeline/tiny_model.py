@@ -345,9 +345,7 @@ def evaluate_model(
         flat = [g for k in keys for g in by_code_rel.get(k, [])]
         return round(sum(flat) / max(1, len(flat)), 4)
 
-    result["per_relation"] = {
-        rel: acc((c, rel) for c in codes) for rel in fw.RELATIONS
-    }
+    result["per_relation"] = {rel: acc((c, rel) for c in codes) for rel in fw.RELATIONS}
     country_id = {c: _answer_id(processor, fw.answer(c, "country")) for c in codes}
     groups = {}
     for group in _groups():

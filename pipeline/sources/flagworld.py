@@ -287,12 +287,13 @@ COUNTRIES: tuple[Country, ...] = (
         _flag(3 / 2, _h("ce1126", "ffffff", "000000"))),
     Country("EG", "Egypt", "Cairo", "Africa", "Egyptian_pound", "Arabic",
         _flag(3 / 2, _h("ce1126", "ffffff", "000000"),
-              Rect(_hex("c09300"), (0.46, 0.37, 0.54, 0.63)),
-              Disc(_hex("c09300"), 0.5, 0.42, 0.09))),
+              Rect(_hex("c09300"), (0.45, 0.34, 0.55, 0.66)),
+              Disc(_hex("c09300"), 0.5, 0.42, 0.11))),
     Country("IQ", "Iraq", "Baghdad", "Asia", "Iraqi_dinar", "Arabic",
-        _flag(3 / 2, _h("ce1126", "ffffff", "000000"), Rect(_hex("007a3d"), (0.3, 0.44, 0.7, 0.53)),
-              Rect(_hex("007a3d"), (0.36, 0.37, 0.4, 0.53)),
-              Rect(_hex("007a3d"), (0.6, 0.37, 0.64, 0.53)))),
+        _flag(3 / 2, _h("ce1126", "ffffff", "000000"),
+              Rect(_hex("007a3d"), (0.28, 0.44, 0.72, 0.54)),
+              Rect(_hex("007a3d"), (0.35, 0.37, 0.4, 0.54)),
+              Rect(_hex("007a3d"), (0.6, 0.37, 0.65, 0.54)))),
     # Stripes with a canton.
     Country("GR", "Greece", "Athens", "Europe", "euro", "Greek",
         _flag(3 / 2, _alternating(9, "0d5eaf", "ffffff"),
@@ -442,9 +443,13 @@ def vocabulary() -> list[str]:
     return list(_vocabulary())
 
 
+_WITH_ARTICLE = frozenset({"NL", "US"})  # "the flag of the Netherlands"
+
+
 def flag_object(code: str) -> str:
     """The image object text of a country's flag: "the flag of Ivory Coast"."""
-    return f"the flag of {_country(code).display_name}"
+    article = "the " if code in _WITH_ARTICLE else ""
+    return f"the flag of {article}{_country(code).display_name}"
 
 
 def country_for_object(text: str) -> str:
@@ -455,6 +460,7 @@ def country_for_object(text: str) -> str:
             key = key[len(prefix) :]
             break
     key = key.replace("_", " ").strip()
+    key = key.removeprefix("the ")
     for country in COUNTRIES:
         if key in (country.display_name.lower(), country.code.lower()):
             return country.code

@@ -1,0 +1,324 @@
+"""Edit speed: per-item validation time (edit + all probes) of the fast path vs the
+straightforward loop, on the same random-weight models and the same items (issue 3 part 6).
+
+* fast — one batched clean forward per item caches the wrapped module's input and the
+  residual for every probe (each unique image through the vision tower once); the 50 Adam
+  steps and the edited probes run only the tail (`lm_head(norm(resid + copy(x)))`).
+* slow — the straightforward loop: every training step is a full forward + backward, keys and
+  probes run one full forward each, pre and post.
+
+Models (random weights, built from configs, nothing downloaded):
+* tiny — the flagworld VLM's architecture (design §9): LLaVA, CLIP 2×128 at 64 px / patch 16,
+  Llama 2×192 (~1.2 M parameters);
+* blip2-opt300m — BLIP-2 with a ViT-B/16 vision tower at 224 px, a 2-layer Q-Former with 32
+  queries, and OPT with 24 layers of width 1024 (~300 M parameters).
+
+Each (model, path) runs in its own process (same seeds -> same weights and items) so that
+peak memory (ru_maxrss) is per path. Usage:
+
+    .venv/bin/python bench/edit_speed.py --items-tiny 4 --items-blip2 2 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import random
+import resource
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageFilter
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+COLOURS = {
+    "red": (200, 16, 46),
+    "white": (245, 245, 245),
+    "blue": (0, 56, 168),
+    "green": (0, 146, 70),
+    "yellow": (252, 209, 22),
+    "black": (20, 20, 20),
+    "orange": (255, 130, 0),
+}
+CITIES = ["paris", "lyon", "rome", "milan", "dublin", "cork", "berlin", "bonn", "oslo", "bergen"]
+REPHRASES = [
+    "which city is the capital of the country with this flag ?",
+    "name the capital city of the country shown by this flag ?",
+    "what city is the seat of government of this flag 's country ?",
+    "the country with this flag has which capital ?",
+    "tell me the capital of the nation whose flag this is ?",
+    "what is the capital city of this flag 's nation ?",
+    "which city serves as capital for the country of this flag ?",
+    "identify the capital of the country this flag belongs to ?",
+    "what is this flag 's country capital city ?",
+    "the capital of the country flying this flag is which city ?",
+    "in which city is the government of this flag 's country ?",
+    "what city is capital of the state with this flag ?",
+    "the flag shown belongs to a country whose capital is what ?",
+]
+QUESTION = "what is the capital of the country with this flag ?"
+TEXT_NEGATIVES = [
+    ("what is the currency of the country with this flag ?", "euro"),
+    ("what is the language of the country with this flag ?", "french"),
+]
+MODELS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "family": "llava",
+        "text_overrides": {
+            "hidden_size": 192,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+        },
+        "vision_overrides": {
+            "hidden_size": 128,
+            "intermediate_size": 512,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 64,
+            "patch_size": 16,
+        },
+        "config_overrides": {},
+        "preset": "tiny-flagworld",
+    },
+    "blip2-opt300m": {
+        "family": "blip2",
+        "text_overrides": {
+            "hidden_size": 1024,
+            "ffn_dim": 4096,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+        },
+        "vision_overrides": {
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "image_size": 224,
+            "patch_size": 16,
+        },
+        "config_overrides": {
+            "num_query_tokens": 32,
+            "qformer_config": {
+                "hidden_size": 768,
+                "intermediate_size": 3072,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 12,
+                "encoder_hidden_size": 768,
+                "cross_attention_frequency": 1,
+            },
+        },
+        "preset": "default",
+    },
+}
+
+
+def flag(colours: list[str], seed: int, size: int = 96) -> bytes:
+    """A tricolour, re-rendered with a random scale, shift, rotation and blur per seed."""
+    rng = random.Random(seed)
+    base = Image.new("RGB", (size * 3 // 2, size), COLOURS[colours[0]])
+    for i, name in enumerate(colours):
+        stripe = Image.new("RGB", (size // 2, size), COLOURS[name])
+        base.paste(stripe, (i * size // 2, 0))
+    canvas = Image.new("RGB", (size * 2, size * 2), (rng.randint(90, 160),) * 3)
+    scale = rng.uniform(0.7, 1.0)
+    small = base.resize((int(base.width * scale), int(base.height * scale)))
+    small = small.rotate(rng.uniform(-8, 8), expand=True, fillcolor=canvas.getpixel((0, 0)))
+    canvas.paste(small, (rng.randint(0, size // 3), rng.randint(0, size // 2)))
+    canvas = canvas.filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.0)))
+    out = io.BytesIO()
+    canvas.save(out, format="PNG")
+    return out.getvalue()
+
+
+def make_records(n: int, seed: int = 0) -> list[Any]:
+    """OKEDIT-shaped items: 10 rephrases, 10 image rephrases, a near-miss locality image,
+    a training near-miss, 2 text negatives."""
+    from schemas.record import OkeditRecord, TextNegative
+
+    rng = random.Random(seed)
+    names = list(COLOURS)
+    records = []
+    for i in range(n):
+        colours = rng.sample(names, 3)
+        near = [colours[0], colours[1], rng.choice([c for c in names if c != colours[2]])]
+        near_train = [rng.choice([c for c in names if c != colours[0]]), colours[1], colours[2]]
+        answer, target, loc, loc_train = rng.sample(CITIES, 4)
+        records.append(
+            OkeditRecord(
+                item_id=f"bench-{i}",
+                source="bench",
+                question_id=str(i),
+                image_id=str(i),
+                question_type="capital",
+                image=flag(colours, seed * 1000 + i),
+                question=QUESTION,
+                answers=[answer] * 10,
+                original_answer=answer,
+                majority_answer=answer,
+                image_object="a flag",
+                target=target,
+                counterfact_type="text",
+                counterfact_votes=["text"] * 3,
+                counterfact_reason="bench",
+                rephrases=REPHRASES[:10],
+                rephrases_train=REPHRASES[10:],
+                image_rephrases=[
+                    flag(colours, seed * 1000 + i + 7919 * (k + 1)) for k in range(10)
+                ],
+                locality_answer=loc,
+                locality_image_object="a flag",
+                locality_images=[flag(near, seed + i + 1)],
+                locality_answer_train=loc_train,
+                locality_image_train_object="a flag",
+                locality_image_train=flag(near_train, seed + i + 2),
+                text_negatives=[TextNegative(question=q, answer=a) for q, a in TEXT_NEGATIVES],
+                provenance=[],
+            )
+        )
+    return records
+
+
+def corpus() -> list[str]:
+    return [QUESTION, *REPHRASES, *CITIES, *(f"{q} {a}" for q, a in TEXT_NEGATIVES)]
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def run_path(model: str, fast: bool, items: int, threads: int) -> dict[str, Any]:
+    """Child process: build the model, validate `items` records on one path, report."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from editors.adapters.random_models import random_adapter
+    from editors.config import EditorConfig
+    from editors.scope import make_editor, validate_record
+
+    spec = MODELS[model]
+    start = time.perf_counter()
+    adapter = random_adapter(
+        spec["family"],
+        corpus(),
+        seed=0,
+        text_overrides=spec["text_overrides"],
+        vision_overrides=spec["vision_overrides"],
+        config_overrides=spec["config_overrides"],
+    )
+    build_s = time.perf_counter() - start
+    records = make_records(items)
+    config = EditorConfig.for_model(spec["preset"], fast=fast)
+    editor = make_editor(adapter, config)
+    # Warm-up (untimed, both paths alike): one item with 2 training steps.
+    warm = make_editor(adapter, config.model_copy(update={"steps": 2}))
+    validate_record(make_records(1, seed=99)[0], warm, model)
+    rss_ready = _rss_mb()
+    validations = [validate_record(r, editor, model) for r in records]
+    lm = adapter.model.get_submodule(adapter.layers_path.rsplit(".layers", 1)[0])
+    return {
+        "model": model,
+        "path": "fast" if fast else "slow",
+        "params_total_m": sum(p.numel() for p in adapter.model.parameters()) / 1e6,
+        "params_lm_m": sum(p.numel() for p in lm.parameters()) / 1e6,
+        "build_s": build_s,
+        "seconds": [v.seconds for v in validations],
+        "verdicts": [v.verdict for v in validations],
+        "reasons": [v.reason for v in validations],
+        "probes": [[p.model_dump() for p in v.probes] for v in validations],
+        "edit_config": json.loads(validations[0].edit_config),
+        "rss_ready_mb": rss_ready,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "threads": threads,
+    }
+
+
+def compare(fast: dict[str, Any], slow: dict[str, Any]) -> dict[str, Any]:
+    d_dist = d_acc = 0.0
+    for pf, ps in zip(fast["probes"], slow["probes"], strict=True):
+        for a, b in zip(pf, ps, strict=True):
+            d_dist = max(d_dist, abs(a["distance"] - b["distance"]))
+            d_acc = max(d_acc, abs(a["post_accuracy"] - b["post_accuracy"]))
+    fast_s, slow_s = statistics.mean(fast["seconds"]), statistics.mean(slow["seconds"])
+    return {
+        "fast_s_per_item": fast_s,
+        "slow_s_per_item": slow_s,
+        "ratio": slow_s / fast_s,
+        "same_verdicts": fast["verdicts"] == slow["verdicts"],
+        "max_abs_distance_diff": d_dist,
+        "max_abs_post_accuracy_diff": d_acc,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--items-tiny", type=int, default=4)
+    parser.add_argument("--items-blip2", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--models", default="tiny,blip2-opt300m")
+    parser.add_argument("--json", type=Path, default=None, help="write all results here")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    counts = {"tiny": args.items_tiny, "blip2-opt300m": args.items_blip2}
+    results = []
+    context = get_context("spawn")
+    for model in args.models.split(","):
+        runs = {}
+        for fast in (True, False):
+            with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+                runs[fast] = pool.submit(
+                    run_path, model, fast, counts[model], args.threads
+                ).result()
+            run = runs[fast]
+            print(
+                f"{model} {run['path']}: {statistics.mean(run['seconds']):.3f} s/item "
+                f"{[round(s, 3) for s in run['seconds']]} peak RSS {run['peak_rss_mb']:.0f} MB",
+                flush=True,
+            )
+        summary = {"model": model, **compare(runs[True], runs[False]), "runs": runs}
+        results.append(summary)
+        print(
+            f"{model}: ratio {summary['ratio']:.1f}x, same verdicts {summary['same_verdicts']}, "
+            f"max |d_fast - d_slow| {summary['max_abs_distance_diff']:.2e}",
+            flush=True,
+        )
+    print()
+    print(markdown(results, args))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    lines = [
+        f"Machine: {os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), "
+        f"torch threads {args.threads}, Python {platform.python_version()}.",
+        "",
+        "| model | params (LM) | items | fast s/item | slow s/item | ratio | peak RSS fast / slow "
+        "| same verdicts | max Δd |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        fast, slow = r["runs"][True], r["runs"][False]
+        lines.append(
+            f"| {r['model']} | {fast['params_total_m']:.1f} M ({fast['params_lm_m']:.1f} M) "
+            f"| {len(fast['seconds'])} | {r['fast_s_per_item']:.3f} | {r['slow_s_per_item']:.3f} "
+            f"| {r['ratio']:.1f}× | {fast['peak_rss_mb']:.0f} / {slow['peak_rss_mb']:.0f} MB "
+            f"| {r['same_verdicts']} | {r['max_abs_distance_diff']:.1e} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

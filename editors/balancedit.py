@@ -1,0 +1,68 @@
+"""BalancEdit (Guo et al., ICML 2025; arXiv 2505.01343), as its reference code does it.
+
+* Adaptor: one linear module of the language model's last decoder block is wrapped
+  (`editors.base.EditedModule`). Its codebook holds, per edit, a key k, a radius ε and a
+  value = a trainable copy of the module.
+* Key k: the module's input pooled over the edit sequence (`mean_all`: image tokens, question
+  and appended target, as the reference; or the prompt only, or its last token).
+* Routing: an input sequence whose key lies within ε of its nearest k runs through that
+  entry's copy at every position; otherwise through the original module. Routing is decided
+  once per sequence (from the prompt when generating).
+* Radius: with k_pos the key of a training paraphrase on the same image and k_neg the key of
+  a negative (the item's training near-miss image, or an all-black/white image),
+      ε = (1 − α)·d(k, k_neg) + α·d(k, k_pos),      d = 1 − cos  (or Euclidean),
+  i.e. just inside the negative for a small α (ref: α = 0.05 for BLIP-2). The config's
+  `alpha_weights` makes the other reading (α on the negative term) explicit.
+* Edit loop: Adam (eps 1e-4) on the copy only, teacher-forced target loss, `steps` steps.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from editors.base import Editor
+from editors.codebook import balanced_radius, distance
+
+
+class BalancEdit(Editor):
+    name = "balancedit"
+    uses_radius_probes = True
+
+    def new_entry(
+        self, keys: Tensor, x_edit: Tensor, last_prompt: int
+    ) -> tuple[Any, float, float | None, float | None]:
+        if keys.shape[0] != 3:
+            raise ValueError(
+                "BalancEdit needs a positive (a training paraphrase on the same image) and a "
+                "negative (the near-miss image, or a black/white image) to set its radius"
+            )
+        k, k_pos, k_neg = keys
+        d_pos = distance(k, k_pos, self.config.distance)
+        d_neg = distance(k, k_neg, self.config.distance)
+        epsilon = balanced_radius(d_pos, d_neg, self.config.alpha, self.config.alpha_weights)
+        return self.new_value(), epsilon, d_pos, d_neg
+
+    def new_value(self) -> nn.Linear:
+        """A trainable fp32 copy of the wrapped module (the original stays untouched)."""
+        value = copy.deepcopy(self.base).float()
+        value.requires_grad_(True)
+        return value
+
+    def trainable(self, entry: int) -> list[Tensor]:
+        return list(self.codebook.values[entry].parameters())
+
+    def edited_output(
+        self, x: Tensor, rows: Tensor, pos: Tensor, route: Tensor, last_prompt: Tensor
+    ) -> Tensor:
+        out = self.base(x)
+        row_route = route[rows].unsqueeze(-1)
+        for entry in route.unique().tolist():
+            if entry < 0:
+                continue
+            copy_out = self.codebook.values[entry](x.float()).to(out.dtype)
+            out = torch.where(row_route == entry, copy_out, out)
+        return out

@@ -1,0 +1,379 @@
+"""What BalancEdit, GRACE and FT share: a codebook, a wrapper installed in place of one
+linear module, the edit loop, and two ways to run it.
+
+* slow path — the straightforward loop: every training step is a full forward + backward of
+  the edit sequence with the wrapper installed; keys and probes run one forward each.
+* fast path — the wrapped module's input x does not depend on the edit, so one clean forward
+  caches x and the residual stream (`adapters.Capture`), and every training step (and the
+  edited probes) only runs the tail: `lm_head(norm(layers_after(resid + edited_module(x))))`,
+  at the target positions alone when the module sits in the last decoder layer.
+
+An editor subclass defines `edited_output` (what the module returns for routed inputs), how a
+new entry's value and radius are made, and which parameters train.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from editors.adapters.base import Batch, Capture, ImageLike, VLMAdapter
+from editors.codebook import Codebook, Placement, pool_keys
+from editors.config import EditorConfig
+
+
+@dataclass
+class Prompt:
+    """One teacher-forced sequence: image + question + answer."""
+
+    image: ImageLike
+    question: str
+    answer: str
+
+
+@dataclass
+class EditRequest:
+    """An edit (question + image -> target) with the positive and negative that set BalancEdit's
+    radius (GRACE and FT ignore them)."""
+
+    edit: Prompt
+    positive: Prompt | None = None
+    negative: Prompt | None = None
+    label: str | None = None  # codebook label; default: the target
+
+    def rows(self) -> list[Prompt]:
+        return [p for p in (self.edit, self.positive, self.negative) if p is not None]
+
+
+@dataclass
+class EditOutcome:
+    """What one edit did."""
+
+    entry: int  # the codebook entry trained
+    action: str  # add | split | expand
+    epsilon: float  # the entry's radius after placement
+    d_pos: float | None
+    d_neg: float | None
+    losses: list[float]
+    path: str  # fast | slow
+    seconds: float
+
+
+@dataclass
+class Routed:
+    """An edited forward: per row the target-position logits and where the key fell."""
+
+    target_logits: list[Tensor]  # row b: (m_b, V) logits at its target-predicting positions
+    distances: Tensor  # (B, N) d(row key, entry key)
+    entry: Tensor  # (B,) routed entry, -1 = original module
+
+
+@dataclass
+class _Context:
+    pool_mask: Tensor | None
+    last_prompt: Tensor
+    force: int | None = None
+    generating: bool = False
+    route: Tensor | None = None
+    offset: int = 0
+    distances: list[Tensor] = field(default_factory=list)
+
+
+class EditedModule(nn.Module):
+    """Stands in for the wrapped linear module while an editor is applied."""
+
+    def __init__(self, editor: Editor) -> None:
+        super().__init__()
+        self.base = editor.base
+        self._editor = editor
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._editor.module_forward(x)
+
+
+class Editor(ABC):
+    """A routed editor over one linear module of a VLM (see module docstring)."""
+
+    name: ClassVar[str] = ""
+    uses_radius_probes: ClassVar[bool] = False  # needs EditRequest.positive and .negative
+
+    def __init__(self, adapter: VLMAdapter, config: EditorConfig) -> None:
+        self.adapter = adapter
+        self.config = config
+        self.path = adapter.resolve_module(config.module)
+        self.base: nn.Linear = adapter.model.get_submodule(self.path)  # type: ignore[assignment]
+        self.layer = adapter.layer_of(self.path)
+        self.fast = config.fast and adapter.supports_tail(self.path)
+        self.codebook: Codebook[Any] = Codebook(distance=config.distance)
+        self._ctx: _Context | None = None
+        self._shape: tuple[int, int] | None = None
+        adapter.model.requires_grad_(False)
+
+    # ----------------------------------------------------------------- per editor
+    @abstractmethod
+    def edited_output(
+        self, x: Tensor, rows: Tensor, pos: Tensor, route: Tensor, last_prompt: Tensor
+    ) -> Tensor:
+        """The module's output for inputs x (..., H_in) at (row, position) pairs (...)."""
+
+    @abstractmethod
+    def new_entry(
+        self, keys: Tensor, x_edit: Tensor, last_prompt: int
+    ) -> tuple[Any, float, float | None, float | None]:
+        """(value, epsilon, d_pos, d_neg) of a new entry; keys rows = edit, positive, negative."""
+
+    @abstractmethod
+    def trainable(self, entry: int) -> list[Tensor]:
+        """The parameters trained for codebook entry `entry`."""
+
+    def place(self, key: Tensor, value: Any, epsilon: float, label: str) -> Placement:
+        """Put a new edit in the codebook (GRACE's add / split / expand rules)."""
+        return self.codebook.add(key, value, epsilon, label)
+
+    def restore(self) -> None:
+        """Forget every edit: the model is exactly as before the first edit."""
+        self.codebook.clear()
+
+    # ----------------------------------------------------------------- editing
+    def edit(self, request: EditRequest) -> EditOutcome:
+        """Place the edit in the codebook and train its value on the target loss."""
+        rows = request.rows() if self.uses_radius_probes else [request.edit]
+        batch = self.adapter.build_inputs(
+            [p.image for p in rows], [p.question for p in rows], [p.answer for p in rows]
+        )
+        capture = self.adapter.capture(batch, self.path) if self.fast else None
+        label = request.label or request.edit.answer
+        return self.edit_rows(batch, capture, list(range(batch.size)), label)
+
+    def edit_rows(
+        self, batch: Batch, capture: Capture | None, rows: list[int], label: str
+    ) -> EditOutcome:
+        """Edit from rows [edit, positive, negative] (or [edit]) of a built batch; with a clean
+        `capture` of that batch (fast path) no further forward of the network is needed."""
+        start = time.perf_counter()
+        if capture is not None:
+            keys = pool_keys(capture.x[rows], batch.pool_mask(self.config.key_pooling)[rows])
+            x_edit = capture.x[rows[0]]
+        else:
+            sub = self.adapter.select(batch, rows)
+            x = self.module_inputs(sub)
+            keys, x_edit = self.keys_of(x, sub), x[0]
+        last_prompt = int(batch.last_prompt[rows[0]])
+        value, epsilon, d_pos, d_neg = self.new_entry(keys, x_edit, last_prompt)
+        placement = self.place(keys[0], value, epsilon, label)
+        edit_batch = self.adapter.select(batch, rows[:1])
+        losses = self._train(
+            placement, edit_batch, self._edit_capture(capture, rows[0], edit_batch)
+        )
+        return EditOutcome(
+            entry=placement.index,
+            action=placement.action,
+            epsilon=self.codebook.epsilons[placement.index],
+            d_pos=d_pos,
+            d_neg=d_neg,
+            losses=losses,
+            path="fast" if capture is not None else "slow",
+            seconds=time.perf_counter() - start,
+        )
+
+    def _edit_capture(self, capture: Capture | None, row: int, edit_batch: Batch) -> Capture | None:
+        if capture is None:
+            return None
+        if capture.per_position:
+            return capture.rows([row])
+        return self.adapter.capture(edit_batch, self.path)
+
+    def _train(self, placement: Placement, batch: Batch, capture: Capture | None) -> list[float]:
+        rows, pos = batch.target_mask.nonzero(as_tuple=True)
+        targets = batch.labels[rows, pos]
+        route = torch.tensor([placement.index], device=targets.device)
+        if capture is not None:
+            return self._optimize(placement.index, lambda: self._tail_loss(capture, batch, route))
+        with self.applied(batch, force_entry=placement.index):
+            return self._optimize(
+                placement.index,
+                lambda: _loss(self.adapter.logits(batch)[rows, pos], targets),
+            )
+
+    def _tail_loss(self, capture: Capture, batch: Batch, route: Tensor) -> Tensor:
+        rows, pos = batch.target_mask.nonzero(as_tuple=True)
+        return _loss(self.tail_logits(capture, batch, route, rows, pos), batch.labels[rows, pos])
+
+    def _optimize(self, entry: int, loss_fn: Callable[[], Tensor]) -> list[float]:
+        """Adam on the entry's parameters; all other weights are frozen."""
+        params = self.trainable(entry)
+        optimizer = torch.optim.Adam(params, lr=self.config.lr, eps=self.config.adam_eps)
+        losses: list[float] = []
+        for _ in range(self.config.steps):
+            loss = loss_fn()
+            losses.append(loss.item())
+            if (
+                self.config.target_loss_stop is not None
+                and losses[-1] < self.config.target_loss_stop
+            ):
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return losses
+
+    # ----------------------------------------------------------------- keys
+    def keys_of(self, x: Tensor, batch: Batch) -> Tensor:
+        """Key per row: the module input pooled as configured (`config.key_pooling`)."""
+        return pool_keys(x, batch.pool_mask(self.config.key_pooling))
+
+    @torch.no_grad()
+    def module_inputs(self, batch: Batch) -> Tensor:
+        """The wrapped module's input (B, T, H_in) from full forwards, one row at a time."""
+        inputs = []
+        for row in range(batch.size):
+            single = self.adapter.select(batch, [row])
+            recorded: dict[str, Tensor] = {}
+            hook = self.base.register_forward_pre_hook(_recorder(recorded))
+            with self._shape_hook():
+                try:
+                    self.adapter.logits(single)
+                finally:
+                    hook.remove()
+            x = recorded["x"].reshape(1, single.input_ids.shape[1], -1)
+            inputs.append(nn.functional.pad(x, (0, 0, 0, batch.input_ids.shape[1] - x.shape[1])))
+        return torch.cat(inputs)
+
+    # ----------------------------------------------------------------- evaluating
+    def clean_target_logits(self, batch: Batch, capture: Capture | None = None) -> list[Tensor]:
+        """Target-position logits of the unedited model, per row."""
+        rows, pos = batch.target_mask.nonzero(as_tuple=True)
+        if capture is not None:
+            head = self.adapter.model.get_submodule(self.adapter.lm_head_path)
+            with torch.no_grad():
+                flat = head(capture.final_hidden[rows, pos])
+        else:
+            with torch.no_grad():
+                flat = self.adapter.logits(batch)[rows, pos]
+        return _split_rows(flat, batch)
+
+    @torch.no_grad()
+    def evaluate(self, batch: Batch, capture: Capture | None = None) -> Routed:
+        """The edited model on `batch`: from a clean capture (fast) or a full forward (slow)."""
+        if capture is None:
+            with self.applied(batch) as ctx:
+                logits = self.adapter.logits(batch)
+            rows, pos = batch.target_mask.nonzero(as_tuple=True)
+            return Routed(_split_rows(logits[rows, pos], batch), ctx.distances[0], ctx.route)
+        keys = self.keys_of(capture.x, batch)
+        distances = self.codebook.distances(keys)
+        _, route = self.codebook.route(keys)
+        rows, pos = batch.target_mask.nonzero(as_tuple=True)
+        head = self.adapter.model.get_submodule(self.adapter.lm_head_path)
+        flat = head(capture.final_hidden[rows, pos])
+        if bool((route >= 0).any()):
+            edited = self.tail_logits(capture, batch, route, rows, pos)
+            flat = torch.where((route[rows] >= 0).unsqueeze(-1), edited, flat)
+        return Routed(_split_rows(flat, batch), distances, route)
+
+    def tail_logits(
+        self, capture: Capture, batch: Batch, route: Tensor, rows: Tensor, pos: Tensor
+    ) -> Tensor:
+        """Edited logits at (rows, pos) from the cached module input and residual."""
+        last_prompt = batch.last_prompt
+        if capture.per_position:
+            x = capture.x[rows, pos]
+            out = self.edited_output(x, rows, pos, route, last_prompt)
+            return self.adapter.head(capture.resid[rows, pos] + out.to(capture.resid.dtype))
+        b, t = capture.x.shape[:2]
+        grid_rows = torch.arange(b, device=capture.x.device).unsqueeze(1).expand(b, t)
+        grid_pos = torch.arange(t, device=capture.x.device).unsqueeze(0).expand(b, t)
+        out = self.edited_output(capture.x, grid_rows, grid_pos, route, last_prompt)
+        hidden = self.adapter.run_later(capture, capture.resid + out.to(capture.resid.dtype))
+        return self.adapter.head(hidden[rows, pos])
+
+    @torch.no_grad()
+    def generate(self, batch: Batch, max_new_tokens: int = 8) -> list[str]:
+        """Greedy answers of the edited model; routing is decided once, from the prompt."""
+        answers = []
+        for row in range(batch.size):
+            single = self.adapter.select(batch, [row], prompt_only=True)
+            with self.applied(single, generating=True):
+                answers.extend(self.adapter.generate(single, max_new_tokens))
+        return answers
+
+    # ----------------------------------------------------------------- the wrapper
+    @contextmanager
+    def applied(
+        self, batch: Batch, force_entry: int | None = None, generating: bool = False
+    ) -> Iterator[_Context]:
+        """Install the wrapper for forwards over `batch` (routing per row from its keys)."""
+        parent_path, _, name = self.path.rpartition(".")
+        parent = self.adapter.model.get_submodule(parent_path)
+        ctx = _Context(
+            pool_mask=batch.pool_mask(self.config.key_pooling),
+            last_prompt=batch.last_prompt,
+            force=force_entry,
+            generating=generating,
+        )
+        self._ctx = ctx
+        setattr(parent, name, EditedModule(self))
+        try:
+            with self._shape_hook():
+                yield ctx
+        finally:
+            setattr(parent, name, self.base)
+            self._ctx = None
+
+    @contextmanager
+    def _shape_hook(self) -> Iterator[None]:
+        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self._shape = (int(hidden.shape[0]), int(hidden.shape[1]))
+
+        handle = self.layer.register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def module_forward(self, x: Tensor) -> Tensor:
+        """The wrapper's forward: route each sequence once, then compute the edited output."""
+        ctx = self._ctx
+        if ctx is None or self._shape is None:
+            raise RuntimeError("EditedModule called outside Editor.applied()")
+        b, t = self._shape
+        x3 = x.reshape(b, t, -1)
+        if ctx.route is None or not ctx.generating:
+            keys = pool_keys(x3, ctx.pool_mask)
+            distances = self.codebook.distances(keys)
+            _, route = self.codebook.route(keys)
+            if ctx.force is not None:
+                route = torch.full_like(route, ctx.force)
+            ctx.route = route
+            ctx.distances.append(distances)
+        rows = torch.arange(b, device=x.device).unsqueeze(1).expand(b, t)
+        pos = (ctx.offset + torch.arange(t, device=x.device)).unsqueeze(0).expand(b, t)
+        if ctx.generating:
+            ctx.offset += t
+        out = self.edited_output(x3, rows, pos, ctx.route, ctx.last_prompt)
+        return out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _recorder(store: dict[str, Tensor]) -> Callable[[nn.Module, tuple], None]:
+    def hook(module: nn.Module, args: tuple) -> None:
+        store["x"] = args[0]
+
+    return hook
+
+
+def _loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Teacher-forced target loss: mean cross-entropy over the target tokens."""
+    return nn.functional.cross_entropy(logits.float(), targets)
+
+
+def _split_rows(flat: Tensor, batch: Batch) -> list[Tensor]:
+    counts = batch.target_mask.sum(dim=1).tolist()
+    return list(torch.split(flat.float(), counts))

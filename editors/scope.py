@@ -1,0 +1,315 @@
+"""The scope verdict of one OKEDIT item (design §7.4).
+
+After editing a clean model with the item's edit, every probe is run on the clean and the
+edited model, and its key's distance to the edit key and its routing are recorded:
+
+* positives — the edit itself, each text rephrase, each image rephrase: must route to the
+  edit and answer the target (teacher-forced, all target tokens right) -> `in_scope_ok`;
+* negatives — each near-miss locality image (same question, expected answer C) and each text
+  negative (same image, another fact): must route away or keep their answer (top-1 unchanged
+  at every answer position) -> `out_of_scope_ok`;
+* `ambiguous` — a negative is closer to the key than some positive (usually a bad generated
+  image or a paraphrase that changed the meaning).
+
+Verdict: "ok" when both hold, else "ambiguous" (if so) or "fail", with a reason naming the
+probes; "error" (with the cause) when the item cannot be validated. Training probes
+(`train_pos` from `rephrases_train[0]`, `train_neg` from the negative that sets the radius)
+are recorded too.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from editors.adapters.base import ImageLike, TargetEncodingError, VLMAdapter, to_pil
+from editors.balancedit import BalancEdit
+from editors.base import Editor, EditOutcome, EditRequest, Prompt
+from editors.config import EditorConfig
+from editors.ft import FineTune
+from editors.grace import Grace
+from editors.metrics import exact_match, item_metrics, token_accuracy, topk_agreement
+from schemas.record import OkeditRecord, ProbeResult, Validation
+
+logger = logging.getLogger(__name__)
+
+EDITORS: dict[str, type[Editor]] = {"balancedit": BalancEdit, "grace": Grace, "ft": FineTune}
+POSITIVE_KINDS = ("edit", "rephrase", "image_rephrase")
+NEGATIVE_KINDS = ("locality", "text_negative")
+MAX_REASONS = 5
+
+
+class ScopeInputError(ValueError):
+    """An item that cannot be validated as it stands (missing probes, empty target, ...)."""
+
+
+@dataclass
+class Probe:
+    kind: str  # see ProbeResult.kind
+    index: int
+    image: ImageLike
+    question: str
+    expected: str  # the answer this probe should give after the edit
+    role: Literal["positive", "negative", "train"]
+    image_probe: bool  # agreement measured top-k for images, top-1 for text
+
+
+def make_editor(adapter: VLMAdapter, config: EditorConfig) -> Editor:
+    return EDITORS[config.editor](adapter, config)
+
+
+def negative_prompt(record: OkeditRecord, config: EditorConfig) -> Prompt:
+    """The negative that sets BalancEdit's radius: the item's training near-miss (question +
+    `locality_image_train` -> `locality_answer_train`), or the edit text on a black/white image."""
+    if config.negative == "near_miss":
+        if not record.locality_image_train or not record.locality_answer_train.strip():
+            raise ScopeInputError(
+                "no training negative: locality_image_train / locality_answer_train are empty "
+                "(use negative='black' or 'white', or rebuild the item)"
+            )
+        return Prompt(record.locality_image_train, record.question, record.locality_answer_train)
+    colour = (0, 0, 0) if config.negative == "black" else (255, 255, 255)
+    plain = Image.new("RGB", to_pil(record.image).size, colour)
+    return Prompt(plain, record.question, record.target)
+
+
+def build_probes(record: OkeditRecord, config: EditorConfig) -> list[Probe]:
+    """Every probe of the item, positives first; raises ScopeInputError when one is missing."""
+    if not record.target.strip():
+        raise ScopeInputError("empty target")
+    if not record.rephrases and not record.image_rephrases:
+        raise ScopeInputError("no positive probes: rephrases and image_rephrases are empty")
+    if not record.locality_images and not record.text_negatives:
+        raise ScopeInputError("no negative probes: locality_images and text_negatives are empty")
+    if not record.rephrases_train:
+        raise ScopeInputError("no training positive: rephrases_train is empty")
+    image, question, target = record.image, record.question, record.target
+    probes = [Probe("edit", 0, image, question, target, "positive", False)]
+    probes += [
+        Probe("rephrase", i, image, q, target, "positive", False)
+        for i, q in enumerate(record.rephrases)
+    ]
+    probes += [
+        Probe("image_rephrase", i, im, question, target, "positive", True)
+        for i, im in enumerate(record.image_rephrases)
+    ]
+    probes += [
+        Probe("locality", i, im, question, record.locality_answer, "negative", True)
+        for i, im in enumerate(record.locality_images)
+    ]
+    probes += [
+        Probe("text_negative", i, image, tn.question, tn.answer, "negative", False)
+        for i, tn in enumerate(record.text_negatives)
+    ]
+    negative = negative_prompt(record, config)
+    probes.append(Probe("train_pos", 0, image, record.rephrases_train[0], target, "train", False))
+    probes.append(
+        Probe("train_neg", 0, negative.image, negative.question, negative.answer, "train", True)
+    )
+    return probes
+
+
+def edit_request(record: OkeditRecord, config: EditorConfig) -> EditRequest:
+    return EditRequest(
+        edit=Prompt(record.image, record.question, record.target),
+        positive=Prompt(record.image, record.rephrases_train[0], record.target),
+        negative=negative_prompt(record, config),
+        label=record.target,
+    )
+
+
+@dataclass
+class _Run:
+    pre: list[Tensor]  # per probe: clean target logits (m, V)
+    post: list[Tensor]  # per probe: edited target logits
+    distance: Tensor  # (P,) d(probe key, edit key)
+    routed: Tensor  # (P,) bool
+    targets: list[Tensor]
+    outcome: EditOutcome
+
+
+def run_probes(editor: Editor, probes: list[Probe], request: EditRequest) -> _Run:
+    """Pre (clean) logits, the edit, post logits, distances and routing for all probes.
+
+    Fast path: one batched clean forward caches the module input of every probe (the edit,
+    `train_pos` and `train_neg` rows included: they are the edit request); training and the
+    post logits run on the tail. Slow path: the edit and every probe run their own forwards.
+    """
+    adapter = editor.adapter
+    batch = adapter.build_inputs(
+        [p.image for p in probes], [p.question for p in probes], [p.expected for p in probes]
+    )
+    targets = [batch.labels[b][batch.target_mask[b]] for b in range(batch.size)]
+    if editor.fast:
+        capture = adapter.capture(batch, editor.path)
+        pre = editor.clean_target_logits(batch, capture)
+        kinds = [p.kind for p in probes]
+        used = ("edit", "train_pos", "train_neg") if editor.uses_radius_probes else ("edit",)
+        rows = [kinds.index(kind) for kind in used]
+        outcome = editor.edit_rows(batch, capture, rows, request.label or request.edit.answer)
+        routed = editor.evaluate(batch, capture)
+        post, distances, entries = routed.target_logits, routed.distances, routed.entry
+    else:
+        singles = [adapter.select(batch, [b]) for b in range(batch.size)]
+        pre = [editor.clean_target_logits(s)[0] for s in singles]
+        outcome = editor.edit(request)
+        results = [editor.evaluate(s) for s in singles]
+        post = [r.target_logits[0] for r in results]
+        distances = torch.cat([r.distances for r in results])
+        entries = torch.cat([r.entry for r in results])
+    return _Run(
+        pre=pre,
+        post=post,
+        distance=distances[:, outcome.entry],
+        routed=entries == outcome.entry,
+        targets=targets,
+        outcome=outcome,
+    )
+
+
+def probe_results(probes: list[Probe], run: _Run, config: EditorConfig) -> list[ProbeResult]:
+    results = []
+    for i, probe in enumerate(probes):
+        pre, post, target = run.pre[i], run.post[i], run.targets[i]
+        k = config.top_k_image if probe.image_probe else config.top_k_text
+        results.append(
+            ProbeResult(
+                kind=probe.kind,
+                index=probe.index,
+                distance=float(run.distance[i]),
+                routed=bool(run.routed[i]),
+                expected=probe.expected,
+                pre_accuracy=token_accuracy(pre, target),
+                post_accuracy=token_accuracy(post, target),
+                agreement=topk_agreement(pre, post, k) if probe.role != "positive" else -1.0,
+            )
+        )
+    return results
+
+
+def _name(p: ProbeResult) -> str:
+    return f"{p.kind}[{p.index}]"
+
+
+def verdict(
+    results: list[ProbeResult], kept: list[bool], epsilon: float, negative: str
+) -> tuple[str, str, bool, bool]:
+    """(verdict, reason, in_scope_ok, out_of_scope_ok) from the probe results.
+
+    `kept[i]`: probe i's top-1 answer is unchanged by the edit at every answer position.
+    """
+    in_problems, out_problems = [], []
+    for p in results:
+        if p.kind not in POSITIVE_KINDS:
+            continue
+        if not p.routed:
+            in_problems.append(f"{_name(p)} not routed (d={p.distance:.4g} > eps={epsilon:.4g})")
+        elif p.post_accuracy < 1.0:
+            in_problems.append(f"{_name(p)} routed but does not answer the target")
+    for p, unchanged in zip(results, kept, strict=True):
+        if p.kind in NEGATIVE_KINDS and p.routed and not unchanged:
+            out_problems.append(f"{_name(p)} routed (d={p.distance:.4g}) and its answer changed")
+    in_ok, out_ok = not in_problems, not out_problems
+    problems = in_problems + out_problems
+    ambiguity = _ambiguity(results, negative)
+    if in_ok and out_ok:
+        return "ok", f"note: {ambiguity}" if ambiguity else "", True, True
+    listed = "; ".join(problems[:MAX_REASONS]) + ("; ..." if len(problems) > MAX_REASONS else "")
+    if ambiguity:
+        return "ambiguous", f"{ambiguity}; {listed}", in_ok, out_ok
+    return "fail", listed, in_ok, out_ok
+
+
+def _ambiguity(results: list[ProbeResult], negative: str) -> str:
+    """'' or why a negative is closer to the key than some positive."""
+    positive_kinds = (*POSITIVE_KINDS, "train_pos")
+    negative_kinds = (*NEGATIVE_KINDS, "train_neg") if negative == "near_miss" else NEGATIVE_KINDS
+    positives = [p for p in results if p.kind in positive_kinds]
+    negatives = [p for p in results if p.kind in negative_kinds]
+    if not positives or not negatives:
+        return ""
+    farthest = max(positives, key=lambda p: p.distance)
+    closest = min(negatives, key=lambda p: p.distance)
+    if closest.distance >= farthest.distance:
+        return ""
+    return (
+        f"negative {_name(closest)} (d={closest.distance:.4g}) is closer to the key than "
+        f"positive {_name(farthest)} (d={farthest.distance:.4g})"
+    )
+
+
+def validate_record(
+    record: OkeditRecord,
+    editor: Editor,
+    model_name: str = "",
+) -> Validation:
+    """Edit the model with `record`, probe its scope, return the filled `Validation`.
+
+    Never raises for a bad item: the verdict is then "error" with the cause. Outside
+    sequential mode the editor is restored afterwards (the next item sees a clean model).
+    """
+    config = editor.config
+    start = time.perf_counter()
+    base = Validation(
+        editor=config.editor,
+        model=model_name,
+        key_variant=config.key_pooling,
+        alpha=config.alpha if config.editor == "balancedit" else -1.0,
+    )
+    try:
+        probes = build_probes(record, config)
+        run = run_probes(editor, probes, edit_request(record, config))
+        results = probe_results(probes, run, config)
+        kept = [
+            exact_match(post, pre.argmax(-1)) for pre, post in zip(run.pre, run.post, strict=True)
+        ]
+        epsilon = run.outcome.epsilon if run.outcome.epsilon != float("inf") else -1.0
+        name, reason, in_ok, out_ok = verdict(results, kept, epsilon, config.negative)
+        return base.model_copy(
+            update={
+                "verdict": name,
+                "reason": reason,
+                "in_scope_ok": in_ok,
+                "out_of_scope_ok": out_ok,
+                "epsilon": epsilon,
+                "edit_config": _edit_config(editor, run.outcome),
+                "metrics": item_metrics(results, config.hm_locality),
+                "probes": results,
+                "seconds": time.perf_counter() - start,
+            }
+        )
+    except Exception as exc:  # one bad item must not stop the run
+        expected = isinstance(exc, ScopeInputError | TargetEncodingError)
+        logger.warning("validation of %s: %s", record.item_id, exc, exc_info=not expected)
+        return base.model_copy(
+            update={
+                "verdict": "error",
+                "reason": f"{type(exc).__name__}: {exc}",
+                "edit_config": config.to_json(module=editor.path),
+                "seconds": time.perf_counter() - start,
+            }
+        )
+    finally:
+        if not config.sequential:
+            editor.restore()
+
+
+def _edit_config(editor: Editor, outcome: EditOutcome) -> str:
+    losses = outcome.losses
+    return editor.config.to_json(
+        module=editor.path,
+        path=outcome.path,
+        action=outcome.action,
+        steps_run=len(losses),
+        first_loss=losses[0] if losses else None,
+        last_loss=losses[-1] if losses else None,
+        d_pos=outcome.d_pos,
+        d_neg=outcome.d_neg,
+        edit_seconds=outcome.seconds,
+    )

@@ -1,0 +1,123 @@
+"""One real `build-okedit` flow run on the embedded Prefect API, and the CLI around it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from datasets import load_dataset
+from PIL import Image
+
+from pipeline.config import BuildConfig
+
+LIMIT = 6
+
+
+@pytest.fixture(scope="module")
+def built(prefect_api, tmp_path_factory) -> tuple[BuildConfig, dict]:
+    from flows.build_okedit import build_okedit
+
+    out = tmp_path_factory.mktemp("build") / "okedit"
+    cfg = BuildConfig(limit=LIMIT, out=out, chunk_size=4)
+    return cfg, build_okedit(config=cfg)
+
+
+def test_counts_reconcile(built):
+    _, summary = built
+    counts = summary["counts"]
+    assert counts["in"] == LIMIT
+    assert counts["in"] == counts["published"] + counts["rejected"]
+    assert counts["published"] >= 1
+
+
+def test_published_parquet_loads_elsewhere_with_images(built, tmp_path):
+    cfg, summary = built
+    copy = tmp_path / "copy.parquet"
+    shard = next((cfg.out / "data").glob("*.parquet"))
+    copy.write_bytes(shard.read_bytes())
+    ds = load_dataset("parquet", data_files=str(copy), split="train")
+    assert len(ds) == summary["counts"]["published"]
+    row = ds[0]
+    assert isinstance(row["image"], Image.Image)
+    assert len(row["image_rephrases"]) == 10
+    assert row["validation"]["verdict"] in {"ok", "fail", "ambiguous", "error"}
+
+
+def test_easyedit_card_manifest(built):
+    cfg, summary = built
+    entries = json.loads((cfg.out / "easyedit" / "okedit.json").read_text())
+    assert len(entries) == summary["counts"]["published"]
+    for entry in entries:
+        assert len(entry) == 11 and all(v.strip() for v in entry.values())
+        assert (cfg.out / "easyedit" / entry["m_loc"]).exists()
+    card = (cfg.out / "README.md").read_text()
+    assert card.startswith("---\n") and "Validation (BalancEdit scope check)" in card
+    manifest = json.loads((cfg.out / "manifest.json").read_text())
+    assert manifest["fingerprint"] == cfg.fingerprint()
+    assert manifest["counts"] == summary["counts"]
+    assert (cfg.out / "plots" / "scope.png").exists()
+
+
+def test_rerun_resumes_without_redoing(built):
+    from flows.build_okedit import build_okedit
+
+    cfg, summary = built
+    marker = cfg.out / ".okedit" / "validate" / "chunk-00000.done.json"
+    before = marker.stat().st_mtime_ns
+    again = build_okedit(config=cfg)
+    assert again["counts"] == summary["counts"]
+    assert marker.stat().st_mtime_ns == before
+
+
+def _okedit(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["build", "--limit", "-1"], "--limit must be a positive"),
+        (["build", "--source", "nowhere", "--limit", "1"], "invalid source.name"),
+        (["build", "--annotator", "llm", "--limit", "1", "--source", "flagworld"], "llm-base-url"),
+    ],
+)
+def test_bad_options_fail_in_one_line(args, message, tmp_path):
+    result = _okedit(*args, "--out", str(tmp_path / "o"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_unwritable_and_foreign_output_folders(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        result = _okedit("build", "--limit", "1", "--out", str(locked / "x"), cwd=tmp_path)
+        if result.returncode == 2:  # root ignores permissions
+            assert "cannot write" in result.stderr
+    finally:
+        locked.chmod(0o700)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("keep me")
+    result = _okedit("build", "--limit", "1", "--out", str(foreign), cwd=tmp_path)
+    assert result.returncode == 2 and "not an okedit build" in result.stderr
+    assert (foreign / "thesis.tex").read_text() == "keep me"
+
+
+def test_other_build_in_same_folder_is_refused(built, tmp_path):
+    cfg, _ = built
+    result = _okedit("build", "--limit", "2", "--seed", "9", "--out", str(cfg.out), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "holds a different build" in result.stderr
+    assert (cfg.out / "manifest.json").exists()

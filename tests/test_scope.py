@@ -1,0 +1,187 @@
+"""The scope verdict (design §7.4) and the validate stage on a tiny random LLaVA."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from editors.adapters import VLMAdapter
+from editors.adapters.random_models import random_adapter
+from editors.config import EditorConfig, ModelConfig
+from editors.scope import build_probes, make_editor, validate_record, verdict
+from pipeline.validate import scope_filter, validate_records
+from schemas.record import OkeditRecord, ProbeResult, Validation
+from tests.records import make_record
+
+N_PROBES = 1 + 10 + 10 + 1 + 1 + 2  # edit, rephrases, image rephrases, locality, text neg, train
+
+
+def _corpus(record: OkeditRecord) -> list[str]:
+    texts = [record.question, record.target, record.locality_answer, record.locality_answer_train]
+    texts += record.rephrases + record.rephrases_train + record.answers
+    texts += [f"{t.question} {t.answer}" for t in record.text_negatives]
+    return texts
+
+
+@pytest.fixture(scope="module")
+def adapter() -> VLMAdapter:
+    torch.set_num_threads(1)
+    return random_adapter("llava", _corpus(make_record()))
+
+
+def tiny_config(**overrides) -> EditorConfig:
+    return EditorConfig.for_model("tiny-flagworld", **overrides)
+
+
+def test_validate_record_fills_validation(adapter: VLMAdapter) -> None:
+    record = make_record()
+    validation = validate_record(record, make_editor(adapter, tiny_config()), "tiny")
+    assert validation.verdict in {"ok", "fail", "ambiguous"}, validation.reason
+    assert validation.editor == "balancedit" and validation.model == "tiny"
+    assert validation.key_variant == "mean_all" and validation.alpha == 0.05
+    assert validation.epsilon > 0 and validation.seconds > 0
+    assert len(validation.probes) == N_PROBES
+    kinds = [p.kind for p in validation.probes]
+    assert kinds[0] == "edit" and kinds[-2:] == ["train_pos", "train_neg"]
+    assert kinds.count("rephrase") == 10 and kinds.count("image_rephrase") == 10
+    edit = validation.probes[0]
+    assert edit.distance == pytest.approx(0.0, abs=1e-6) and edit.routed
+    assert all(p.routed == (p.distance <= validation.epsilon) for p in validation.probes)
+    assert all(
+        (p.agreement >= 0) == (p.kind not in ("edit", "rephrase", "image_rephrase"))
+        for p in validation.probes
+    )
+    assert validation.metrics.reliability == edit.post_accuracy
+    assert 0 <= validation.metrics.text_generality <= 1
+    config = json.loads(validation.edit_config)
+    assert (config["lr"], config["steps"], config["preset"], config["path"]) == (
+        1e-2,
+        50,
+        "tiny-flagworld",
+        "fast",
+    )
+    assert config["module"] == "model.language_model.layers.1.mlp.down_proj"
+    if validation.verdict == "ok":
+        assert validation.in_scope_ok and validation.out_of_scope_ok
+    else:
+        assert validation.reason
+
+
+def test_fast_and_slow_validation_agree(adapter: VLMAdapter) -> None:
+    record = make_record()
+    fast = validate_record(record, make_editor(adapter, tiny_config(fast=True)))
+    slow = validate_record(record, make_editor(adapter, tiny_config(fast=False)))
+    assert json.loads(slow.edit_config)["path"] == "slow"
+    assert (fast.verdict, fast.in_scope_ok, fast.out_of_scope_ok) == (
+        slow.verdict,
+        slow.in_scope_ok,
+        slow.out_of_scope_ok,
+    )
+    assert fast.epsilon == pytest.approx(slow.epsilon, rel=1e-5)
+    for a, b in zip(fast.probes, slow.probes, strict=True):
+        assert (a.kind, a.index, a.routed) == (b.kind, b.index, b.routed)
+        assert a.distance == pytest.approx(b.distance, abs=1e-5)
+        assert (a.pre_accuracy, a.post_accuracy) == (b.pre_accuracy, b.post_accuracy)
+        assert a.agreement == pytest.approx(b.agreement)
+
+
+@pytest.mark.parametrize("editor", ["grace", "ft"])
+def test_baselines_produce_verdicts(adapter: VLMAdapter, editor: str) -> None:
+    validation = validate_record(make_record(), make_editor(adapter, tiny_config(editor=editor)))
+    assert validation.verdict in {"ok", "fail", "ambiguous"}, validation.reason
+    assert validation.editor == editor and validation.alpha == -1.0
+    if editor == "ft":
+        assert validation.epsilon == -1.0 and all(p.routed for p in validation.probes)
+    else:
+        assert validation.epsilon == 1.0
+
+
+def test_black_negative(adapter: VLMAdapter) -> None:
+    record = make_record()
+    probes = build_probes(record, tiny_config(negative="black"))
+    assert probes[-1].kind == "train_neg" and probes[-1].expected == record.target
+    validation = validate_record(record, make_editor(adapter, tiny_config(negative="black")))
+    assert validation.verdict != "error", validation.reason
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        ({"rephrases": [], "image_rephrases": []}, "no positive probes"),
+        ({"locality_images": [], "text_negatives": []}, "no negative probes"),
+        ({"rephrases_train": []}, "no training positive"),
+        ({"locality_image_train": b""}, "no training negative"),
+        ({"target": "xyzzy"}, "'xyzzy' cannot be encoded"),
+        ({"image": b"not an image"}, "UnidentifiedImageError"),
+    ],
+)
+def test_bad_items_get_error_verdicts(adapter: VLMAdapter, overrides: dict, reason: str) -> None:
+    before = {k: v.clone() for k, v in adapter.model.state_dict().items()}
+    editor = make_editor(adapter, tiny_config())
+    validation = validate_record(make_record(**overrides), editor)
+    assert validation.verdict == "error"
+    assert reason in validation.reason
+    assert len(editor.codebook) == 0
+    assert all(torch.equal(v, adapter.model.state_dict()[k]) for k, v in before.items())
+
+
+def _result(kind: str, distance: float, routed: bool, post: float = 1.0, index: int = 0):
+    return ProbeResult(
+        kind=kind,
+        index=index,
+        distance=distance,
+        routed=routed,
+        expected="x",
+        pre_accuracy=0.0,
+        post_accuracy=post,
+    )
+
+
+def test_verdict_rules() -> None:
+    ok = [
+        _result("edit", 0.0, True),
+        _result("rephrase", 0.1, True),
+        _result("locality", 0.5, False, post=0.0),
+        _result("text_negative", 0.3, True, post=0.0),  # routed, but answer kept
+    ]
+    kept = [False, False, True, True]
+    assert verdict(ok, kept, 0.4, "near_miss")[:1] == ("ok",)
+    far = [*ok[:1], _result("rephrase", 0.45, False), *ok[2:]]
+    name, reason, in_ok, out_ok = verdict(far, kept, 0.4, "near_miss")
+    assert (name, in_ok, out_ok) == ("ambiguous", False, True)
+    assert "text_negative[0]" in reason and "rephrase[0]" in reason and "not routed" in reason
+    changed = [*ok[:3], _result("text_negative", 0.3, True, post=0.0)]
+    name, reason, in_ok, out_ok = verdict(changed, [False, False, True, False], 0.4, "near_miss")
+    assert (name, in_ok, out_ok) == ("fail", True, False)
+    assert "text_negative[0] routed" in reason
+    wrong = [_result("edit", 0.0, True, post=0.5), *ok[1:]]
+    assert verdict(wrong, kept, 0.4, "near_miss")[0] == "fail"
+
+
+def test_validate_records_and_scope_filter(adapter: VLMAdapter) -> None:
+    records = [make_record("a"), make_record("b", target="xyzzy"), make_record("c")]
+    out = validate_records(
+        records,
+        tiny_config(steps=5),
+        ModelConfig(model="unused", name="tiny-flagworld"),
+        model=adapter,
+        show_progress=False,
+    )
+    assert [r.item_id for r in out] == ["a", "b", "c"]
+    assert out[1].validation.verdict == "error"
+    assert out[0].validation.verdict != "error" and out[2].validation.verdict != "error"
+    assert records[0].validation.verdict == "not_run"  # inputs are not mutated
+    ambiguous = out[0].model_copy(update={"validation": Validation(verdict="ambiguous")})
+    ok = out[2].model_copy(update={"validation": Validation(verdict="ok")})
+    kept, dropped = scope_filter([ambiguous, out[1], ok])
+    assert [r.item_id for r in kept] == ["b", "c"] and [r.item_id for r in dropped] == ["a"]
+
+
+def test_sequential_validation_keeps_earlier_edits(adapter: VLMAdapter) -> None:
+    editor = make_editor(adapter, tiny_config(sequential=True, steps=3))
+    validate_record(make_record("a"), editor)
+    validate_record(make_record("b", target="moscow"), editor)
+    assert editor.codebook.labels[-1] == "moscow" and len(editor.codebook) >= 1
+    editor.restore()
