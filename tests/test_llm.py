@@ -255,3 +255,11 @@ def test_missing_key_for_openai_is_a_clear_error(monkeypatch: pytest.MonkeyPatch
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     with pytest.raises(LLMFatalError, match="OPENAI_API_KEY"):
         LLMClient(LLMConfig(cache_path=None))
+
+
+def test_an_unrelated_400_does_not_switch_to_json_object(tmp_path: Path) -> None:
+    with llm_server(faults=lambda i, b: "400") as server:
+        client = make_client(server, tmp_path)
+        result = client.complete(messages(), TargetOut)
+        assert isinstance(result, LLMFailure) and result.kind == "bad_request"
+        assert client.mode == "json_schema" and server.log.requests == 2

@@ -1,0 +1,1 @@
+"""Prompt templates of the LLM annotator (YAML: id, version, system, user)."""
