@@ -81,8 +81,14 @@ def build_okedit(
     logger.info("%d items in %d chunks%s", len(ids), len(chunks), " (resuming)" if resumed else "")
     indexed = list(range(len(chunks)))
     with Progress() as progress:
-        _run_stage("gather", gather_task, [(cfg, i, c) for i, c in enumerate(chunks)], progress, True)
-        for name, fn in (("annotate", annotate_task), ("images", images_task), ("assemble", assemble_task)):
+        _run_stage(
+            "gather", gather_task, [(cfg, i, c) for i, c in enumerate(chunks)], progress, True
+        )
+        for name, fn in (
+            ("annotate", annotate_task),
+            ("images", images_task),
+            ("assemble", assemble_task),
+        ):
             _run_stage(name, fn, [(cfg, i) for i in indexed], progress, True)
         # one model per process; the edits themselves use all cores
         _run_stage("validate", validate_task, [(cfg, i) for i in indexed], progress, False)

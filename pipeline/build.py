@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from schemas.record import Annotation, ItemImages, OkeditRecord, Rejection, SourceItem
-
 from pipeline.quality import QualityConfig, check_record, majority_answer
+from schemas.record import Annotation, ItemImages, OkeditRecord, Rejection, SourceItem
 
 
 def assemble_record(item: SourceItem, ann: Annotation, images: ItemImages) -> OkeditRecord:

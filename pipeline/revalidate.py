@@ -7,12 +7,11 @@ from pathlib import Path
 
 from datasets import load_dataset
 
-from schemas.features import OKEDIT_FEATURES, from_hf_row
-from schemas.record import OkeditRecord, Rejection
-
 from pipeline.config import ValidateSettings
 from pipeline.publish import publish_local
 from pipeline.stages import scope_filter
+from schemas.features import OKEDIT_FEATURES, from_hf_row
+from schemas.record import OkeditRecord, Rejection
 
 
 def read_folder(folder: Path) -> tuple[list[OkeditRecord], list[Rejection], dict]:

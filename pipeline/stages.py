@@ -11,11 +11,10 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from functools import lru_cache
 
-from schemas.record import Annotation, ItemImages, OkeditRecord, Rejection, SourceItem
-
 from pipeline.build import build_records
 from pipeline.config import BuildConfig
 from pipeline.work import WorkDir
+from schemas.record import Annotation, ItemImages, OkeditRecord, Rejection, SourceItem
 
 
 def split_ok(results: list) -> tuple[list, list[Rejection]]:
@@ -181,7 +180,7 @@ def scope_filter(
 
 
 def finalize(cfg: BuildConfig, n_chunks: int, n_in: int) -> dict:
-    """Publish the local folder; returns the summary (counts reconcile: in = published + rejected)."""
+    """Publish the local folder; returns the summary (in = published + rejected)."""
     from pipeline.publish import publish_local
 
     records, rejected, stage_counts = collect(cfg, n_chunks)

@@ -1,4 +1,3 @@
-from pipeline.build import build_records
 from pipeline.quality import check_record, majority_answer
 from schemas.record import TextNegative
 from tests.records import make_record

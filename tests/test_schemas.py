@@ -18,8 +18,17 @@ def test_pydantic_to_parquet_and_back(tmp_path: Path):
     validation = Validation(
         verdict="ok",
         epsilon=0.3,
-        probes=[ProbeResult(kind="edit", index=0, distance=0.0, routed=True, expected="lyon",
-                            pre_accuracy=0.0, post_accuracy=1.0)],
+        probes=[
+            ProbeResult(
+                kind="edit",
+                index=0,
+                distance=0.0,
+                routed=True,
+                expected="lyon",
+                pre_accuracy=0.0,
+                post_accuracy=1.0,
+            )
+        ],
     )
     records = [make_record("a"), make_record("b", validation=validation)]
     dataset = Dataset.from_list([to_hf_row(r) for r in records], features=OKEDIT_FEATURES)
@@ -30,9 +39,11 @@ def test_pydantic_to_parquet_and_back(tmp_path: Path):
     assert isinstance(loaded[0]["image"], Image.Image)
     back = [from_hf_row(row) for row in loaded.cast_column("image", OKEDIT_FEATURES["image"])]
     assert back[1].validation == validation
-    assert back[0].model_dump(exclude={"image", "image_rephrases", "locality_images",
-                                       "locality_image_train"}) == records[0].model_dump(
-        exclude={"image", "image_rephrases", "locality_images", "locality_image_train"})
+    assert back[0].model_dump(
+        exclude={"image", "image_rephrases", "locality_images", "locality_image_train"}
+    ) == records[0].model_dump(
+        exclude={"image", "image_rephrases", "locality_images", "locality_image_train"}
+    )
     assert len(back[0].image_rephrases) == 10
 
 
