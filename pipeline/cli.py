@@ -164,6 +164,30 @@ def validate_cmd(
     _print_summary(summary)
 
 
+@app.command()
+def publish(
+    folder: Annotated[Path, typer.Argument(help="a built okedit folder")],
+    repo_id: Annotated[str, typer.Option(help="Hub dataset repo, e.g. me/okedit")],
+    private: Annotated[bool, typer.Option(help="create the repo private")] = False,
+    revision: Annotated[Optional[str], typer.Option(help="branch to push to")] = None,  # noqa: UP045
+    commit_message: Annotated[str, typer.Option()] = "Upload OKEDIT build",
+) -> None:
+    """Push a built folder to the Hugging Face Hub (token from HF_TOKEN) and verify it."""
+    from pipeline.publish import HubPublishError, push_to_hub
+
+    try:
+        result = push_to_hub(
+            folder, repo_id, private=private, revision=revision, commit_message=commit_message
+        )
+    except (HubPublishError, OSError) as exc:
+        _fail(_friendly(exc))
+    except Exception as exc:  # the Hub client's own errors: auth, network, quota
+        _fail(f"push to {repo_id} failed: {type(exc).__name__}: {exc}")
+    console.print(
+        f"pushed {result['files']} files, {result['rows']} rows: [bold]{result['commit_url']}[/]"
+    )
+
+
 @tiny_app.command("train")
 def tiny_train(
     out: Annotated[Optional[Path], typer.Option(help="where to save")] = None,  # noqa: UP045

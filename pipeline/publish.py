@@ -136,7 +136,8 @@ def publish_local(
 
 HUB_DATA_PATTERNS = [
     "data/*.parquet",
-    "easyedit/**",
+    "easyedit/*.json",
+    "easyedit/images/*",
     "plots/*.png",
     "manifest.json",
     "rejected.jsonl",
