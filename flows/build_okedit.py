@@ -74,7 +74,13 @@ def build_okedit(
     cfg = _apply_overrides(config, {"source": source, "limit": limit, "seed": seed, "out": out})
     from pipeline.work import WorkDir
 
-    resumed = WorkDir(cfg.out).claim(cfg.fingerprint(), cfg.describe())
+    work = WorkDir(cfg.out)
+    resumed = work.claim(cfg.fingerprint(), cfg.describe())
+    with work.lock():
+        return _build(cfg, resumed)
+
+
+def _build(cfg: BuildConfig, resumed: bool) -> dict:
     ids = stages.list_ids(cfg)
     chunks = stages.chunked(ids, cfg.chunk_size)
     logger = get_run_logger()

@@ -115,6 +115,37 @@ def build(
     filter_scope: Annotated[
         bool, typer.Option("--filter-scope", help="drop items whose scope is ambiguous")
     ] = False,
+    okvqa_questions: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="okvqa-files: OpenEnded_mscoco_<split>_questions.json"),
+    ] = None,
+    okvqa_annotations: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="okvqa-files: mscoco_<split>_annotations.json"),
+    ] = None,
+    coco_dir: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="okvqa-files: local COCO images (else downloaded)"),
+    ] = None,
+    okvqa_parquet: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="okvqa-hub: a local parquet copy of the split"),
+    ] = None,
+    image_base_url: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="okvqa-files: where COCO images are downloaded from"),
+    ] = None,
+    image_backend: Annotated[
+        str, typer.Option(help="render | openai | diffusers | retrieve")
+    ] = "render",
+    image_pool: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="retrieve: a folder of photos to choose images from"),
+    ] = None,
+    image_model: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="image model (openai / diffusers) or CLIP model (retrieve)"),
+    ] = None,
 ) -> None:
     """Build OKEDIT: gather, annotate, images, QC, BalancEdit validation, local publish."""
     validation: dict = {"enabled": validate, "device": device, "filter_scope": filter_scope}
@@ -122,9 +153,22 @@ def build(
         validation["model"] = model
     if limit is not None and limit < 1:
         _fail(f"--limit must be a positive number of items, got {limit}")
+    source_files = {
+        "questions_file": okvqa_questions,
+        "annotations_file": okvqa_annotations,
+        "coco_dir": coco_dir,
+        "parquet": okvqa_parquet,
+        "image_base_url": image_base_url,
+    }
+    images = {"backend": image_backend, "pool_dir": image_pool, "model": image_model}
     _run_build(
         {
-            "source": {"name": source, "split": split},
+            "source": {
+                "name": source,
+                "split": split,
+                **{k: v for k, v in source_files.items() if v is not None},
+            },
+            "images": {k: v for k, v in images.items() if v is not None},
             "limit": limit,
             "seed": seed,
             "out": out,
@@ -186,6 +230,20 @@ def publish(
     console.print(
         f"pushed {result['files']} files, {result['rows']} rows: [bold]{result['commit_url']}[/]"
     )
+
+
+@app.command()
+def serve(
+    cron: Annotated[Optional[str], typer.Option(help="schedule, e.g. '0 3 * * 1'")] = None,  # noqa: UP045
+    interval_s: Annotated[Optional[int], typer.Option(help="or: every N seconds")] = None,  # noqa: UP045
+    limit: Annotated[Optional[int], typer.Option(help="default --limit of runs")] = None,  # noqa: UP045
+    out: Annotated[Optional[str], typer.Option(help="default output folder of runs")] = None,  # noqa: UP045
+) -> None:
+    """Serve the build-okedit deployment (needs PREFECT_API_URL of a running server)."""
+    from flows.serve import serve as serve_deployment
+
+    parameters = {k: v for k, v in {"limit": limit, "out": out}.items() if v is not None}
+    serve_deployment(cron=cron, interval_s=interval_s, parameters=parameters)
 
 
 @tiny_app.command("train")

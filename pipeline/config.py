@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from editors.config import EditorConfig, ModelConfig
 from pipeline.quality import QualityConfig
@@ -41,8 +41,50 @@ class AnnotatorSettings(BaseModel):
     concurrency: int = Field(16, ge=1)
 
 
+ImageBackendName = Literal["render", "openai", "diffusers", "retrieve"]
+
+
 class ImageSettings(BaseModel):
-    backend: Literal["render"] = "render"
+    """How the images stage makes, checks and caches images (design §6; docs/usage.md)."""
+
+    backend: ImageBackendName = "render"
+    # "" = the backend's default: dall-e-2 (openai), stabilityai/sdxl-turbo (diffusers),
+    # `clip_model` (retrieve: the CLIP that ranks the pool)
+    model: str = ""
+    # side in px; None = the backend's default: render 64, openai 256, diffusers 512;
+    # retrieve: photos larger than this are downscaled to fit (default 512)
+    size: int | None = Field(None, ge=16, le=4096)
+    steps: int = Field(2, ge=1, le=50)  # diffusers (SDXL-Turbo: 1-4)
+    guidance_scale: float = Field(0.0, ge=0)  # diffusers (0 for the turbo models)
+    quality: Literal["standard", "hd", "low", "medium", "high", "auto"] | None = None  # openai
+    api_base_url: str | None = None  # openai; None: OPENAI_BASE_URL, else api.openai.com
+    concurrency: int = Field(8, ge=1)  # openai requests in flight
+    batch_size: int = Field(4, ge=1)  # diffusers prompts per pipeline call
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # diffusers and CLIP
+    pool_dir: Path | None = None  # retrieve: a folder of photos (e.g. COCO train2014)
+    clip_model: str = "openai/clip-vit-base-patch32"
+    clip_threshold: float | None = Field(None, ge=-1, le=1)  # min cosine image-prompt; None: off
+    negative_margin: float = 0.0  # retrieve: cos(img, C) - cos(img, A) for near-miss images
+    min_size: int = Field(32, ge=1)
+    near_duplicate_bits: int = Field(8, ge=0, le=64)  # dHash distance (of 64) ...
+    near_duplicate_colour: float = Field(6.0, ge=0)  # ... and colour distance: near-duplicate
+    max_attempts: int = Field(3, ge=1)  # per image: first try + replacements
+    fallback: ImageBackendName | None = None  # where failed/refused images are made instead
+    n_rephrases: int = Field(10, ge=1)
+    n_locality: int = Field(3, ge=1)
+    cache: bool = True  # generated images and the pool index under cache_dir/images/
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ImageSettings:
+        if self.fallback is not None and self.fallback == self.backend:
+            raise ValueError("the fallback image backend must differ from the backend")
+        if "retrieve" in (self.backend, self.fallback) and self.pool_dir is None:
+            raise ValueError("the retrieve image backend needs pool_dir (--image-pool)")
+        if self.api_base_url is not None and not self.api_base_url.startswith(
+            ("http://", "https://")
+        ):
+            raise ValueError(f"api_base_url must be an http(s) URL, got {self.api_base_url!r}")
+        return self
 
 
 TINY_MODEL = "tiny-flagworld"  # the VLM shipped in editors/assets, trained on the flagworld

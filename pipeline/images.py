@@ -4,23 +4,52 @@ A backend turns (SourceItem, Annotation) pairs into `ItemImages`: 10 image rephr
 `image_object` (image generality probes), near-miss `locality_images` of
 `locality_image_object`, and the editor's training negative of
 `locality_image_train_object`. Every image is stored as encoded bytes and has one
-`FieldProvenance` (field `image_rephrases[3]`, `locality_images[0]`, `locality_image_train`).
+`FieldProvenance` (field `image_rephrases[3]`, `locality_images[0]`, `locality_image_train`;
+backend, model, seed, and in `params` the prompt, size, steps, score, attempt, ...).
 
-Backends: `render` (the flagworld renderer, here); `openai`, `diffusers` and `retrieve` plug
-into the same `ImageBackend` protocol.
+Backends (`ImageSettings.backend`), all checked the same way (`image_backends.checks`):
+- `render`: the flagworld renderer (here);
+- `openai`: the Images API (`image_backends.openai_api`);
+- `diffusers`: a local text-to-image pipeline (`image_backends.diffusion`, optional extra);
+- `retrieve`: real photos from a local pool by CLIP similarity (`image_backends.retrieve`).
+`make_image_backend(settings, seed=..., cache_dir=...)` is the one entry point.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import random
-from typing import Any, Protocol, runtime_checkable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from PIL import Image, UnidentifiedImageError
-
+from pipeline.image_backends.checks import ImageChecker, NearDuplicateRule, check_image
+from pipeline.image_backends.core import (
+    Failed,
+    ImageConfigError,
+    ImageFatalError,
+    ImageGenerator,
+    ImageMaker,
+    Job,
+    Produced,
+    Result,
+    Scorer,
+    WithFallback,
+)
 from pipeline.sources import flagworld as fw
-from schemas.record import Annotation, FieldProvenance, ItemImages, Rejection, SourceItem
+from schemas.record import Annotation, ItemImages, Rejection, SourceItem
+
+if TYPE_CHECKING:
+    from pipeline.config import ImageSettings
+
+__all__ = [
+    "ImageBackend",
+    "ImageConfigError",
+    "ImageError",
+    "ImageFatalError",
+    "ImageMaker",
+    "RenderBackend",
+    "check_image",
+    "make_image_backend",
+]
 
 
 @runtime_checkable
@@ -38,24 +67,6 @@ class ImageError(ValueError):
     """An item whose images cannot be made; the message is the reason."""
 
 
-def check_image(data: bytes, min_size: int = 32) -> str | None:
-    """Why `data` is not a usable image (no decode, smaller than `min_size`, no RGB), or None."""
-    if not data:
-        return "empty image bytes"
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()  # decode fully: a truncated file fails here, not later
-            if min(img.size) < min_size:
-                return f"image is {img.width}x{img.height}, smaller than {min_size} px"
-            try:
-                img.convert("RGB")
-            except (OSError, ValueError) as exc:
-                return f"image mode {img.mode} does not convert to RGB: {exc}"
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        return f"image does not decode: {exc}"
-    return None
-
-
 # Augmentation ranges of `flagworld.render_variant`, recorded in every image's provenance.
 RENDER_AUGMENTATION: dict[str, Any] = {
     "scale": [0.6, 1.0],
@@ -67,102 +78,219 @@ RENDER_AUGMENTATION: dict[str, Any] = {
 }
 
 
-class RenderBackend:
-    """Renders flagworld flags: re-rendered variants as positives, look-alikes as negatives.
+class RenderGenerator:
+    """Flagworld flags: re-rendered variants as positives, clean look-alikes as negatives.
 
-    `locality_images[0]` is the clean look-alike flag and the rest are variants, so the
-    near-miss negatives cover the same augmentations as the image rephrases. The training
-    negative is the clean flag of `locality_image_train_object`, like the item's own image.
-    Each image's rng is seeded by (seed, item id, field, index): deterministic and
-    independent of batching.
+    `locality_images[0]` and the training negative are clean flags (like the item's own
+    image); every other image is a variant whose rng is seeded by (seed, item id, field),
+    plus the attempt number for replacements: deterministic and independent of batching.
     """
 
     name = "render"
 
-    def __init__(
-        self, seed: int = 0, size: int = 64, n_rephrases: int = 10, n_locality: int = 3
-    ) -> None:
-        if n_rephrases < 1 or n_locality < 1:
-            raise ValueError("RenderBackend needs n_rephrases >= 1 and n_locality >= 1")
+    def __init__(self, seed: int = 0, size: int = 64) -> None:
         self.seed = seed
         self.size = size
-        self.n_rephrases = n_rephrases
-        self.n_locality = n_locality
 
-    def make_images(
-        self, pairs: list[tuple[SourceItem, Annotation]]
-    ) -> list[ItemImages | Rejection]:
-        out: list[ItemImages | Rejection] = []
-        for item, annotation in pairs:
-            try:
-                out.append(self.make_item_images(item, annotation))
-            except ImageError as exc:
-                out.append(Rejection(item_id=item.item_id, stage="images", reason=str(exc)))
-        return out
+    def generate(self, jobs: list[Job]) -> list[Result]:
+        return [self._one(job) for job in jobs]
 
-    def make_item_images(self, item: SourceItem, annotation: Annotation) -> ItemImages:
-        """The images of one item; raises `ImageError` with a reason."""
-        own = _country(annotation.image_object, "image_object")
-        near = _country(annotation.locality_image_object, "locality_image_object")
-        train = _country(annotation.locality_image_train_object, "locality_image_train_object")
-        provenance: list[FieldProvenance] = []
-        rephrases = [
-            self._image(item, "image_rephrases", i, own, provenance, clean=False)
-            for i in range(self.n_rephrases)
-        ]
-        locality = [
-            self._image(item, "locality_images", i, near, provenance, clean=i == 0)
-            for i in range(self.n_locality)
-        ]
-        train_image = self._image(item, "locality_image_train", None, train, provenance, True)
-        return ItemImages(
-            item_id=item.item_id,
-            image_rephrases=rephrases,
-            locality_images=locality,
-            locality_image_train=train_image,
-            provenance=provenance,
-        )
-
-    def _image(
-        self,
-        item: SourceItem,
-        field: str,
-        index: int | None,
-        code: str,
-        provenance: list[FieldProvenance],
-        clean: bool,
-    ) -> bytes:
-        name = field if index is None else f"{field}[{index}]"
-        rng_key = f"render:{self.seed}:{item.item_id}:{name}"
+    def _one(self, job: Job) -> Result:
+        slot = job.slot
+        try:
+            code = fw.country_for_object(slot.prompt)
+        except KeyError:
+            return Failed(
+                "unsupported",
+                f"{slot.source_field} {slot.prompt!r} is not a flagworld flag; the render "
+                "backend only draws flagworld flags (use another image backend for other "
+                "sources)",
+                retry=False,
+            )
+        clean = slot.role == "train" or (slot.role == "locality" and slot.position == 0)
+        rng_key = f"render:{self.seed}:{job.context.item.item_id}:{slot.field}"
+        if job.attempt:
+            rng_key += f":{job.attempt}"
         if clean:
             img = fw.render_flag(code, self.size)
         else:
             img = fw.render_variant(code, random.Random(rng_key), self.size)
-        data = fw.to_png(img)
-        problem = check_image(data)
-        if problem:
-            raise ImageError(f"{name}: {problem}")
         params: dict[str, Any] = {"size": self.size, "country": code, "clean": clean}
         if not clean:
             params |= {"rng_key": rng_key, "augmentation": RENDER_AUGMENTATION}
-        provenance.append(
-            FieldProvenance(
-                field=name,
-                backend=self.name,
-                template_id="flagworld/render",
-                template_version=fw.TEMPLATES_VERSION,
-                seed=self.seed,
-                params=json.dumps(params, sort_keys=True),
-            )
+        return Produced(
+            data=fw.to_png(img),
+            backend=self.name,
+            seed=self.seed,
+            params=params,
+            template_id="flagworld/render",
+            template_version=fw.TEMPLATES_VERSION,
         )
-        return data
 
 
-def _country(object_text: str, field: str) -> str:
-    try:
-        return fw.country_for_object(object_text)
-    except KeyError:
-        raise ImageError(
-            f"{field} {object_text!r} is not a flagworld flag; the render backend only "
-            "draws flagworld flags (use another image backend for other sources)"
-        ) from None
+class RenderBackend(ImageMaker):
+    """The flagworld renderer behind the common checks (design §9)."""
+
+    def __init__(
+        self,
+        seed: int = 0,
+        size: int = 64,
+        n_rephrases: int = 10,
+        n_locality: int = 3,
+        *,
+        max_attempts: int = 3,
+        checker: ImageChecker | None = None,
+        scorer: Scorer | None = None,
+        clip_threshold: float | None = None,
+    ) -> None:
+        if n_rephrases < 1 or n_locality < 1:
+            raise ValueError("RenderBackend needs n_rephrases >= 1 and n_locality >= 1")
+        super().__init__(
+            RenderGenerator(seed, size),
+            seed=seed,
+            n_rephrases=n_rephrases,
+            n_locality=n_locality,
+            max_attempts=max_attempts,
+            checker=checker,
+            scorer=scorer,
+            clip_threshold=clip_threshold,
+        )
+        self.size = size
+
+    def make_item_images(self, item: SourceItem, annotation: Annotation) -> ItemImages:
+        """The images of one item; raises `ImageError` with the reason."""
+        (result,) = self.make_images([(item, annotation)])
+        if isinstance(result, Rejection):
+            raise ImageError(result.reason)
+        return result
+
+
+# --------------------------------------------------------------------------- factory
+
+DEFAULT_SIZES = {"render": 64, "openai": 256, "diffusers": 512, "retrieve": 512}
+
+
+def _clip_scorer(model_id: str, device: str) -> Scorer:
+    """A scorer that loads CLIP on its first use only."""
+
+    def score(images: list[bytes], prompts: list[str]) -> list[float]:
+        from pipeline.image_backends.clip import load_clip
+
+        return load_clip(model_id, device).scores(images, prompts)
+
+    return score
+
+
+def _generator(
+    backend: str, settings: ImageSettings, seed: int, cache_dir: Path | None, primary: bool
+) -> ImageGenerator:
+    """One generator; `settings.model` and `settings.size` apply to the primary backend,
+    a fallback uses its own defaults."""
+    size = (settings.size if primary else None) or DEFAULT_SIZES[backend]
+    model = settings.model if primary else ""
+    images_cache = Path(cache_dir) / "images" if cache_dir is not None else None
+    if backend == "render":
+        return RenderGenerator(seed, size)
+    if backend == "retrieve":
+        from pipeline.image_backends.retrieve import RetrieveImages
+
+        if settings.pool_dir is None or not Path(settings.pool_dir).is_dir():
+            raise ImageConfigError(
+                f"the retrieve image backend needs an image pool folder (--image-pool); "
+                f"got {settings.pool_dir}"
+            )
+        clip_id = model or settings.clip_model
+        return RetrieveImages(
+            settings.pool_dir,
+            _LazyClip(clip_id, settings.device),
+            model_id=clip_id,
+            cache_root=images_cache / "pool-index" if images_cache and settings.cache else None,
+            max_side=size,
+            min_size=settings.min_size,
+            negative_margin=settings.negative_margin,
+            rule=_rule(settings),
+        )
+    if backend == "openai":
+        from pipeline.image_backends.openai_api import DEFAULT_MODEL, OpenAIImages
+
+        inner: Any = OpenAIImages(
+            model or DEFAULT_MODEL,
+            size,
+            settings.quality,
+            base_url=settings.api_base_url,
+            concurrency=settings.concurrency,
+        )
+    elif backend == "diffusers":
+        from pipeline.image_backends.diffusion import DEFAULT_MODEL, DiffusersImages
+
+        inner = DiffusersImages(
+            model or DEFAULT_MODEL,
+            steps=settings.steps,
+            size=size,
+            guidance_scale=settings.guidance_scale,
+            batch_size=settings.batch_size,
+            device=settings.device,
+        )
+    else:
+        raise ImageConfigError(f"unknown image backend {backend!r}")
+    if images_cache is None or not settings.cache:
+        return inner
+    from pipeline.image_backends.cache import CachedGenerator, ImageCache
+
+    return CachedGenerator(inner, ImageCache(images_cache / "generated"), inner.stats)
+
+
+class _LazyClip:
+    """Loads CLIP on first use, so building a backend (and a cached pool index) is cheap."""
+
+    def __init__(self, model_id: str, device: str) -> None:
+        self.model_id = model_id
+        self.device = device
+
+    def _clip(self) -> Any:
+        from pipeline.image_backends.clip import load_clip
+
+        return load_clip(self.model_id, self.device)
+
+    def embed_texts(self, texts: list[str]) -> Any:
+        return self._clip().embed_texts(texts)
+
+    def embed_images(self, images: list[Any]) -> Any:
+        return self._clip().embed_images(images)
+
+
+def _rule(settings: ImageSettings) -> NearDuplicateRule:
+    return NearDuplicateRule(settings.near_duplicate_bits, settings.near_duplicate_colour)
+
+
+def make_image_backend(
+    settings: ImageSettings, *, seed: int = 0, cache_dir: Path | None = None
+) -> ImageMaker:
+    """The images stage for these settings: the backend (cached under
+    `cache_dir/images/` when `settings.cache`), its fallback, the checks and the retries."""
+    checker = ImageChecker(settings.min_size, _rule(settings))
+    scorer = (
+        _clip_scorer(settings.clip_model, settings.device)
+        if settings.clip_threshold is not None
+        else None
+    )
+    common: dict[str, Any] = {
+        "max_attempts": settings.max_attempts,
+        "checker": checker,
+        "scorer": scorer,
+        "clip_threshold": settings.clip_threshold,
+    }
+    if settings.backend == "render" and settings.fallback is None:
+        size = settings.size or DEFAULT_SIZES["render"]
+        return RenderBackend(seed, size, settings.n_rephrases, settings.n_locality, **common)
+    generator = _generator(settings.backend, settings, seed, cache_dir, primary=True)
+    if settings.fallback is not None:
+        fallback = _generator(settings.fallback, settings, seed, cache_dir, primary=False)
+        generator = WithFallback(generator, fallback)
+    return ImageMaker(
+        generator,
+        seed=seed,
+        n_rephrases=settings.n_rephrases,
+        n_locality=settings.n_locality,
+        **common,
+    )

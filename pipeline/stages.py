@@ -51,13 +51,17 @@ def make_annotator(cfg: BuildConfig):
 
 
 def make_image_backend(cfg: BuildConfig):
-    from pipeline.images import RenderBackend
+    """The images stage of `pipeline.images` for this build; settings that cannot work
+    (render for a real source, retrieve without a pool, openai without a key) fail here."""
+    from pipeline.images import ImageConfigError
+    from pipeline.images import make_image_backend as make_backend
 
-    if cfg.images.backend == "render":
-        if cfg.source.name != "flagworld":
-            raise ConfigError("the render backend draws flagworld flags only")
-        return RenderBackend(seed=cfg.seed)
-    raise ConfigError(f"unknown image backend {cfg.images.backend!r}")
+    if "render" in (cfg.images.backend, cfg.images.fallback) and cfg.source.name != "flagworld":
+        raise ConfigError("the render backend draws flagworld flags only")
+    try:
+        return make_backend(cfg.images, seed=cfg.seed, cache_dir=cfg.cache_dir)
+    except ImageConfigError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 @lru_cache(maxsize=4)
@@ -128,6 +132,15 @@ def assemble_chunk(cfg: BuildConfig, index: int) -> dict[str, int]:
     return work.write_chunk("assemble", index, records, rejected)
 
 
+@lru_cache(maxsize=1)
+def _adapter(model_json: str):
+    """One model load per worker process, reused by every chunk it validates."""
+    from editors.adapters import load_model
+    from editors.config import ModelConfig
+
+    return load_model(ModelConfig.model_validate_json(model_json))
+
+
 def validate_chunk(cfg: BuildConfig, index: int) -> dict[str, int]:
     """Edit the model once per record and store the scope verdict; errors stay per item."""
     work = WorkDir(cfg.out)
@@ -137,8 +150,13 @@ def validate_chunk(cfg: BuildConfig, index: int) -> dict[str, int]:
     if cfg.validation.enabled and records:
         from pipeline.validate import validate_records
 
+        model_settings = cfg.validation.model_settings()
         records = validate_records(
-            records, cfg.validation.editor_settings(), cfg.validation.model_settings()
+            records,
+            cfg.validation.editor_settings(),
+            model_settings,
+            model=_adapter(model_settings.model_dump_json()),
+            show_progress=False,  # the flow shows its own progress
         )
     return work.write_chunk("validate", index, records, [])
 
@@ -168,15 +186,13 @@ def scope_filter(
     """`--filter scope`: drop items whose scope check was ambiguous."""
     if not enabled:
         return records, []
-    kept = [r for r in records if r.validation.verdict != "ambiguous"]
-    dropped = [
-        Rejection(
-            item_id=r.item_id, stage="validate", reason=f"ambiguous scope: {r.validation.reason}"
-        )
-        for r in records
-        if r.validation.verdict == "ambiguous"
+    from pipeline.validate import scope_filter as split_ambiguous
+
+    kept, ambiguous = split_ambiguous(records)
+    return kept, [
+        Rejection(item_id=r.item_id, stage="validate", reason=f"ambiguous: {r.validation.reason}")
+        for r in ambiguous
     ]
-    return kept, dropped
 
 
 def finalize(cfg: BuildConfig, n_chunks: int, n_in: int) -> dict:

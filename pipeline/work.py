@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import pyarrow as pa
+from filelock import FileLock
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
@@ -99,6 +100,10 @@ class WorkDir:
                 f"{self.out} is not empty and is not an okedit build; choose another --out"
             )
         return False
+
+    def lock(self) -> FileLock:
+        """Held for a whole build: a second build into this folder waits for the first."""
+        return FileLock(self.root / "build.lock")
 
     def claim(self, fingerprint: str, description: dict) -> bool:
         """Bind this folder to one build. Returns True when resuming an earlier run."""
