@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import TypeVar
 
 import pyarrow as pa
-from filelock import FileLock
 import pyarrow.parquet as pq
+from filelock import FileLock
 from pydantic import BaseModel
 
 from schemas.record import Rejection
