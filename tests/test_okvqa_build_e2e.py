@@ -74,8 +74,12 @@ def assert_images_pass_checks(row: dict[str, Any]) -> list[dict[str, Any]]:
         data = encoded(img)
         assert check_image(data) is None
         assert not rule.same(fingerprint(data), original)
-    image_fields = ("image_rephrases[", "locality_images[", "locality_image_train")
-    prov = [p for p in row["provenance"] if p["field"].startswith(image_fields)]
+    prov = [
+        p
+        for p in row["provenance"]
+        if p["field"].startswith(("image_rephrases[", "locality_images["))
+        or p["field"] == "locality_image_train"
+    ]
     assert len(prov) == 14
     return prov
 
