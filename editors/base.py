@@ -99,7 +99,12 @@ class EditedModule(nn.Module):
 
 
 class Editor(ABC):
-    """A routed editor over one linear module of a VLM (see module docstring)."""
+    """A routed editor over one linear module of a VLM (see module docstring).
+
+    Creating an editor freezes the model (`requires_grad_(False)`); only the codebook values
+    (or, for FT, the wrapped module) train. The wrapper is installed only inside `applied()`,
+    so between calls the model's modules and state dict are the original ones.
+    """
 
     name: ClassVar[str] = ""
     uses_radius_probes: ClassVar[bool] = False  # needs EditRequest.positive and .negative

@@ -85,7 +85,9 @@ class EditorConfig(BaseModel):
     target_loss_stop: float | None = Field(default=None, gt=0.0)
     grace_epsilon: float = Field(default=1.0, gt=0.0)  # GRACE's fixed initial radius
     sequential: bool = False  # keep the codebook across edits instead of restoring
-    fast: bool = True  # cached module input + tail-only training and batched probes
+    # Cached module input + tail-only training + batched probes. Needs the module that writes
+    # the MLP output into the residual (down_proj / OPT fc2); other modules run the slow path.
+    fast: bool = True
     top_k_text: int = Field(default=1, ge=1)  # agreement on text probes (EasyEdit: top-1)
     top_k_image: int = Field(default=10, ge=1)  # agreement on image probes (EasyEdit: top-10)
     hm_locality: Literal["agreement", "label"] = "agreement"  # which Loc enters HM

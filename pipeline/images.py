@@ -186,8 +186,10 @@ def _generator(
 ) -> ImageGenerator:
     """One generator; `settings.model` and `settings.size` apply to the primary backend,
     a fallback uses its own defaults."""
-    size = (settings.size if primary else None) or DEFAULT_SIZES[backend]
     model = settings.model if primary else ""
+    size = (settings.size if primary else None) or DEFAULT_SIZES[backend]
+    if backend == "openai" and model not in ("", "dall-e-2") and size < 1024:
+        size = settings.size if primary and settings.size else 1024  # dall-e-3, gpt-image-*
     images_cache = Path(cache_dir) / "images" if cache_dir is not None else None
     if backend == "render":
         return RenderGenerator(seed, size)

@@ -11,6 +11,7 @@ import time
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from editors.adapters import VLMAdapter, load_model
+from editors.base import Editor
 from editors.config import EditorConfig, ModelConfig
 from editors.scope import make_editor, validate_record
 from schemas.record import OkeditRecord, Validation
@@ -51,7 +52,7 @@ def validate_records(
     return out
 
 
-def _validate_one(record: OkeditRecord, editor, model_name: str) -> Validation:  # noqa: ANN001
+def _validate_one(record: OkeditRecord, editor: Editor, model_name: str) -> Validation:
     start = time.perf_counter()
     try:
         return validate_record(record, editor, model_name)

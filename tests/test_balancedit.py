@@ -3,6 +3,8 @@ are untouched, restore is bit-exact, and the fast and slow paths agree."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -210,3 +212,22 @@ def test_missing_positive_or_negative_is_a_clear_error(llava: VLMAdapter) -> Non
     editor = BalancEdit(llava, EditorConfig(steps=1))
     with pytest.raises(ValueError, match="needs a positive"):
         editor.edit(EditRequest(edit=REQUEST.edit, positive=REQUEST.positive))
+
+
+def test_config_defaults_and_presets() -> None:
+    assert (EditorConfig().lr, EditorConfig().steps, EditorConfig().adam_eps) == (1e-4, 50, 1e-4)
+    grace = EditorConfig(editor="grace")
+    assert (grace.lr, grace.steps, grace.grace_epsilon, grace.distance) == (
+        1.0,
+        100,
+        1.0,
+        "euclidean",
+    )
+    ft = EditorConfig(editor="ft")
+    assert (ft.lr, ft.steps) == (1e-2, 25)
+    tiny = EditorConfig.for_model("/cache/tiny-flagworld-vlm")
+    assert (tiny.lr, tiny.steps, tiny.preset) == (1e-2, 50, "tiny-flagworld")
+    assert EditorConfig.for_model("Salesforce/blip2-opt-2.7b").lr == 1e-4
+    assert EditorConfig.for_model("tiny-flagworld", lr=3e-3).lr == 3e-3
+    assert EditorConfig.for_model("tiny-flagworld", editor="grace").lr == 1.0
+    assert json.loads(tiny.to_json(path="fast"))["lr"] == 1e-2

@@ -42,7 +42,7 @@ def check_image(data: bytes, min_size: int = 32) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: arrays do not compare to one bool
 class Fingerprint:
     """What near-duplicate detection compares: a dHash and a colour thumbnail."""
 
@@ -63,7 +63,7 @@ def colour_thumb(img: Image.Image) -> np.ndarray:
     return np.asarray(small, dtype=np.uint8)
 
 
-def fingerprint_image(img: Image.Image, data: bytes = b"") -> Fingerprint:
+def fingerprint_image(img: Image.Image, data: bytes) -> Fingerprint:
     return Fingerprint(dhash_bits(img), colour_thumb(img), hashlib.sha256(data).hexdigest())
 
 
@@ -92,12 +92,6 @@ class NearDuplicateRule:
             hamming(a.dhash, b.dhash) <= self.max_bits
             and colour_distance(a.thumb, b.thumb) <= self.max_colour
         )
-
-    def mask(self, hashes: np.ndarray, thumbs: np.ndarray, ref: Fingerprint) -> np.ndarray:
-        """Vectorised `same` over a pool: `hashes` (N,) uint64, `thumbs` (N, 8, 8, 3) uint8."""
-        bits = np.bitwise_count(hashes ^ np.uint64(ref.dhash))
-        colour = np.abs(thumbs.astype(np.int16) - ref.thumb.astype(np.int16)).mean(axis=(1, 2, 3))
-        return (bits <= self.max_bits) & (colour <= self.max_colour)
 
 
 @dataclass(frozen=True)

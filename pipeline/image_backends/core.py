@@ -24,6 +24,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Literal, Protocol
 
+from PIL import Image
+
 from pipeline.image_backends.checks import (
     Checked,
     Fingerprint,
@@ -304,7 +306,8 @@ class ImageMaker:
                 ctx.tried.add(result.candidate)
             outcome = self.checker.check(result.data, ctx.original, ctx.chosen)
             if isinstance(outcome, Checked) and self._too_low(score):
-                outcome = f"CLIP score {score:.3f} < threshold {self.clip_threshold}"
+                shown = "none" if score is None else f"{score:.3f}"
+                outcome = f"CLIP score {shown} < threshold {self.clip_threshold}"
             if isinstance(outcome, str):
                 self.stats.add("check_failed")
                 state.reason = f"check: {outcome}"
@@ -354,8 +357,8 @@ def _data(result: Result) -> bytes:
 def _original(data: bytes) -> Fingerprint | None:
     try:
         return fingerprint(data)
-    except Exception:  # noqa: BLE001 - an undecodable original has nothing to compare to
-        return None
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None  # an undecodable original has nothing to compare to
 
 
 def _provenance(

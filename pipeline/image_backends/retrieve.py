@@ -244,29 +244,35 @@ class RetrieveImages:
             with self._lock:
                 self._texts.update(zip(todo, vectors, strict=True))
 
-    def _allowed(self, index: PoolIndex, ctx: ItemContext, picked: list[int]) -> np.ndarray:
-        ok = (index.sizes.min(axis=1) >= self.min_size) if len(index) else np.zeros(0, bool)
-        if ctx.original is not None:
-            ok &= ~self.rule.mask(index.hashes, index.thumbs, ctx.original)
-            ok &= np.asarray([s != ctx.original.sha256 for s in index.sha256])
-        for fp in ctx.chosen:
-            ok &= ~self.rule.mask(index.hashes, index.thumbs, fp)
-        for row in picked:
-            ok &= ~self.rule.mask(index.hashes, index.thumbs, _row_fingerprint(index, row))
-        tried = ctx.tried
-        if tried:
-            ok &= np.asarray([f not in tried for f in index.files])
-        return ok
+    def _excluded(self, index: PoolIndex, row: int, ctx: ItemContext, picked: list[int]) -> bool:
+        """Too small, the original or a near-duplicate of it, already tried, or a
+        near-duplicate of an image chosen for the item (earlier or in this call)."""
+        if int(index.sizes[row].min()) < self.min_size or index.files[row] in ctx.tried:
+            return True
+        fp = _row_fingerprint(index, row)
+        others = [ctx.original] if ctx.original is not None else []
+        others += ctx.chosen + [_row_fingerprint(index, r) for r in picked]
+        return any(self.rule.same(fp, other) for other in others)
 
     def _pick(self, index: PoolIndex, job: Job, picked: list[int]) -> Result:
         prompt = job.slot.prompt
         sims = index.embeddings @ self._texts[prompt]
-        ok = self._allowed(index, job.context, picked)
         margin = None
         if job.slot.role != "positive":
             margin = sims - index.embeddings @ self._texts[job.context.annotation.image_object]
-            ok &= margin >= self.negative_margin
-        if not ok.any():
+        # walk the ranking and test candidates one by one: on a large pool only the first
+        # few are ever looked at (a stable sort keeps ties deterministic)
+        order = np.argsort(-sims, kind="stable")
+        rank = next(
+            (
+                r
+                for r, row in enumerate(order)
+                if (margin is None or margin[row] >= self.negative_margin)
+                and not self._excluded(index, int(row), job.context, picked)
+            ),
+            None,
+        )
+        if rank is None:
             self.stats.add("exhausted")
             return Failed(
                 "exhausted",
@@ -276,9 +282,8 @@ class RetrieveImages:
                 + " are excluded",
                 retry=False,
             )
-        row = int(np.flatnonzero(ok)[np.argmax(sims[ok])])
+        row = int(order[rank])
         picked.append(row)
-        rank = int((sims > sims[row]).sum())  # 0 = the best match in the whole pool
         params: dict[str, Any] = {
             "pool_file": index.files[row],
             "pool_sha256": index.sha256[row],
