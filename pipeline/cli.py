@@ -65,11 +65,19 @@ def _run_build(cfg_kwargs: dict) -> dict:
         WorkDir(cfg.out).check(cfg.fingerprint())
     except BuildExistsError as exc:
         _fail(str(exc))
+    from pipeline.llm import LLMFatalError
+    from pipeline.stages import preflight
+
+    user_errors = (BuildExistsError, ConfigError, FileNotFoundError, PermissionError, LLMFatalError)
+    try:
+        preflight(cfg)
+    except user_errors as exc:
+        _fail(_friendly(exc))
     from flows.build_okedit import build_okedit
 
     try:
         summary = build_okedit(config=cfg)
-    except (BuildExistsError, ConfigError, FileNotFoundError, PermissionError) as exc:
+    except user_errors as exc:
         _fail(_friendly(exc))
     _print_summary(summary)
     return summary

@@ -39,6 +39,8 @@ class AnnotatorSettings(BaseModel):
     llm_base_url: str | None = None
     llm_model: str = "gpt-4o-mini"
     concurrency: int = Field(16, ge=1)
+    # any other `pipeline.llm.LLMConfig` field (rate limits, prices, budget, batch mode)
+    llm: dict[str, Any] = Field(default_factory=dict)
 
 
 ImageBackendName = Literal["render", "openai", "diffusers", "retrieve"]

@@ -74,6 +74,20 @@ def _image_backend(config_json: str):
     return make_image_backend(BuildConfig.model_validate_json(config_json))
 
 
+def preflight(cfg: BuildConfig) -> None:
+    """Fail before any work (or any paid request) when the settings cannot work.
+
+    Builds the source, annotator and image backend (cached for the run) and resolves the
+    validation model, so a missing key, pool folder or model is one clear error up front.
+    """
+    config_json = cfg.model_dump_json()
+    _source(config_json)
+    _annotator(config_json)
+    _image_backend(config_json)
+    if cfg.validation.enabled:
+        cfg.validation.model_settings().torch_device()
+
+
 def list_ids(cfg: BuildConfig) -> list[str]:
     return _source(cfg.model_dump_json()).list_ids(cfg.limit, cfg.seed)
 

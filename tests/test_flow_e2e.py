@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -73,11 +74,13 @@ def test_rerun_resumes_without_redoing(built):
 
 
 def _okedit(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
     return subprocess.run(
         [sys.executable, "-m", "pipeline.cli", *args],
         capture_output=True,
         text=True,
         cwd=cwd,
+        env=env,
         timeout=120,
     )
 
@@ -87,7 +90,21 @@ def _okedit(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     [
         (["build", "--limit", "-1"], "--limit must be a positive"),
         (["build", "--source", "nowhere", "--limit", "1"], "invalid source.name"),
-        (["build", "--annotator", "llm", "--limit", "1", "--source", "flagworld"], "llm-base-url"),
+        (["build", "--annotator", "llm", "--limit", "1"], "OPENAI_API_KEY"),
+        (
+            [
+                "build",
+                "--source",
+                "okvqa-files",
+                "--limit",
+                "1",
+                "--annotator",
+                "llm",
+                "--llm-base-url",
+                "http://127.0.0.1:9/v1",
+            ],
+            "render backend draws flagworld",
+        ),
     ],
 )
 def test_bad_options_fail_in_one_line(args, message, tmp_path):
