@@ -1,13 +1,17 @@
 """The `build-okedit` Prefect flow: the stages of `pipeline.stages` as tasks over chunks.
 
-Prefect adds retries, concurrency, artifacts and deployments; the work itself is in the
-plain stage functions, which also run without Prefect (see `bench/`).
+Prefect adds retries, caching, concurrency, artifacts and deployments; the work itself is in
+the plain stage functions, which also run without Prefect (see `bench/`). Every chunk's
+output lands in the output folder with a completion marker, so a run that is killed (in any
+stage) and started again continues from the finished chunks. Validation can be spread over
+GPU workers as `validate-okedit-shard` flow runs (`BuildConfig.scale`, docs/scaling.md).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: a served flow is cloudpickled by value with
+# only the globals its code uses, so string annotations (BuildConfig) would not resolve when
+# Prefect validates the parameters of a deployment run.
+import json
 import os
-from collections.abc import Callable
 from typing import Any
 
 # The embedded (ephemeral) API migrates a SQLite database on first use; give it time, and
@@ -15,39 +19,51 @@ from typing import Any
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
-from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect import flow, get_run_logger, runtime, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.deployments import run_deployment  # noqa: E402
+from prefect.futures import as_completed, wait  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
-from rich.progress import Progress  # noqa: E402
+from rich.progress import Progress, TaskID  # noqa: E402
 
+from flows import tasks  # noqa: E402
+from flows.validate_shard import report_path  # noqa: E402
 from pipeline import stages  # noqa: E402
 from pipeline.config import BuildConfig  # noqa: E402
+from pipeline.work import WorkDir  # noqa: E402
 
-gather_task = task(name="gather", retries=2, retry_delay_seconds=5)(stages.gather_chunk)
-annotate_task = task(name="annotate", retries=2, retry_delay_seconds=5)(stages.annotate_chunk)
-images_task = task(name="images", retries=2, retry_delay_seconds=5)(stages.images_chunk)
-assemble_task = task(name="assemble")(stages.assemble_chunk)
-validate_task = task(name="validate")(stages.validate_chunk)
-finalize_task = task(name="publish-local")(stages.finalize)
+# Stages that can take long enough to watch in the UI (LLM calls, image models, edits).
+LONG_STAGES = {"annotate", "images", "validate"}
+
+
+class ShardRunError(RuntimeError):
+    """A validation shard's flow run did not complete."""
 
 
 def _run_stage(
-    name: str, fn: Callable, args: list[tuple], progress: Progress, parallel: bool
+    name: str, fn: Any, args: list[tuple], progress: Progress, parallel: bool
 ) -> list[dict]:
-    """Run one stage over all chunks, in threads when `parallel`, with a progress bar."""
+    """Run one stage over all chunks (in threads when `parallel`), with a console bar and,
+    for long stages, a progress artifact updated as each chunk finishes."""
     bar = progress.add_task(f"{name:<9}", total=len(args))
+    artifact = tasks.StageProgress(name, len(args)) if name in LONG_STAGES else None
+
+    def advance(done: int) -> None:
+        progress.update(bar, completed=done)
+        if artifact is not None:
+            artifact.update(done)
+
     if not parallel:
         results = []
         for a in args:
             results.append(fn(*a))
-            progress.advance(bar)
+            advance(len(results))
         return results
     futures = [fn.submit(*a) for a in args]
-    results = []
-    for future in futures:
-        results.append(future.result())
-        progress.advance(bar)
-    return results
+    for done, _ in enumerate(as_completed(futures), 1):
+        advance(done)
+    return [f.result() for f in futures]
 
 
 def _apply_overrides(config: BuildConfig | None, overrides: dict[str, Any]) -> BuildConfig:
@@ -55,25 +71,27 @@ def _apply_overrides(config: BuildConfig | None, overrides: dict[str, Any]) -> B
     updates = {k: v for k, v in overrides.items() if v is not None}
     if "source" in updates:
         updates["source"] = cfg.source.model_copy(update={"name": updates["source"]})
+    if "repo_id" in updates:
+        updates["publish"] = cfg.publish.model_copy(update={"repo_id": updates.pop("repo_id")})
     return BuildConfig.model_validate({**cfg.model_dump(), **updates})
 
 
-@flow(name="build-okedit", task_runner=ThreadPoolTaskRunner(max_workers=8))
+@flow(name="build-okedit", task_runner=ThreadPoolTaskRunner(max_workers=8), persist_result=False)
 def build_okedit(
     config: BuildConfig | None = None,
     source: str | None = None,
     limit: int | None = None,
     seed: int | None = None,
     out: str | None = None,
+    repo_id: str | None = None,
 ) -> dict:
     """Gather → annotate → images → build (QC) → validate (BalancEdit) → publish.
 
     `config` carries every setting; the flat parameters override it, so a deployment can
-    be run with `-p limit=100` alone.
+    be run with `-p limit=100` alone. `repo_id` also pushes the result to the Hub.
     """
-    cfg = _apply_overrides(config, {"source": source, "limit": limit, "seed": seed, "out": out})
-    from pipeline.work import WorkDir
-
+    overrides = {"source": source, "limit": limit, "seed": seed, "out": out, "repo_id": repo_id}
+    cfg = _apply_overrides(config, overrides)
     work = WorkDir(cfg.out)
     resumed = work.claim(cfg.fingerprint(), cfg.describe())
     with work.lock():
@@ -85,32 +103,123 @@ def _build(cfg: BuildConfig, resumed: bool) -> dict:
     chunks = stages.chunked(ids, cfg.chunk_size)
     logger = get_run_logger()
     logger.info("%d items in %d chunks%s", len(ids), len(chunks), " (resuming)" if resumed else "")
-    indexed = list(range(len(chunks)))
+    config_json, build = cfg.model_dump_json(), tasks.build_token(cfg.out)
+    indexed = [(config_json, build, i) for i in range(len(chunks))]
     with Progress() as progress:
-        _run_stage(
-            "gather", gather_task, [(cfg, i, c) for i, c in enumerate(chunks)], progress, True
-        )
-        for name, fn in (
-            ("annotate", annotate_task),
-            ("images", images_task),
-            ("assemble", assemble_task),
-        ):
-            _run_stage(name, fn, [(cfg, i) for i in indexed], progress, True)
-        # one model per process; the edits themselves use all cores
-        _run_stage("validate", validate_task, [(cfg, i) for i in indexed], progress, False)
-    summary = finalize_task(cfg, len(chunks), len(ids))
+        gather_args = [(config_json, build, i, c) for i, c in enumerate(chunks)]
+        _run_stage("gather", tasks.gather, gather_args, progress, True)
+        for name in ("annotate", "images", "assemble"):
+            _run_stage(name, tasks.CHUNK_TASKS[name], indexed, progress, True)
+        if cfg.scale.validate_deployment and cfg.validation.enabled:
+            shards = _validate_sharded(cfg, len(chunks), progress)
+        else:
+            # one model per process; the edits themselves use all cores
+            _run_stage("validate", tasks.validate, indexed, progress, False)
+            shards = []
+    summary = tasks.publish_local(config_json, len(chunks), len(ids))
+    if cfg.publish.repo_id:
+        summary["hub"] = tasks.publish_hub(config_json)
+    if shards:
+        summary["shards"] = shards
     _report(summary)
     return summary
+
+
+# ---- scale-out: validation shards as flow runs on a work pool --------------------------
+
+
+@task(name="validate-shard", task_run_name="validate-shard-{shard}", cache_policy=NO_CACHE)
+def run_shard(
+    deployment: str, config: dict, shard: int, chunks: list[int], timeout_s: float | None
+) -> dict:
+    """Start one shard's flow run on the work pool and wait for it to end."""
+    run = run_deployment(
+        deployment,
+        parameters={"config": config, "chunks": chunks, "shard": shard},
+        timeout=timeout_s,
+        poll_interval=2,
+        tags=["okedit", "okedit-shard"],
+    )
+    if run.state is None or not run.state.is_completed():
+        state = run.state.name if run.state else "unknown"
+        raise ShardRunError(
+            f"validation shard {shard} (flow run {run.name}) ended {state}; re-run the build "
+            "to resume: finished chunks are kept"
+        )
+    return {"shard": shard, "flow_run_id": str(run.id), "flow_run": run.name}
+
+
+def shard_plan(todo: list[int], shards: int) -> list[list[int]]:
+    """Round-robin the chunks still to validate over at most `shards` shards."""
+    plan = [todo[s::shards] for s in range(shards)]
+    return [p for p in plan if p]
+
+
+def _validate_sharded(cfg: BuildConfig, n_chunks: int, progress: Progress) -> list[dict]:
+    """Validate through shard flow runs; returns their reports. The parent keeps the folder
+    lock; shards write chunk markers into the shared folder, which is what it waits for."""
+    todo = stages.missing_chunks(cfg, "validate", n_chunks)
+    bar = progress.add_task(f"{'validate':<9}", total=n_chunks, completed=n_chunks - len(todo))
+    artifact = tasks.StageProgress("validate", n_chunks, n_chunks - len(todo))
+    plan = shard_plan(todo, cfg.scale.shards)
+    # workers elsewhere must see the same absolute paths
+    shared = cfg.model_copy(update={"out": cfg.out.resolve(), "cache_dir": cfg.cache_dir.resolve()})
+    params = shared.model_dump(mode="json")
+    futures = [
+        run_shard.submit(
+            cfg.scale.validate_deployment, params, s, chunks, cfg.scale.shard_timeout_s
+        )
+        for s, chunks in enumerate(plan)
+    ]
+    pending = list(futures)
+    while pending:
+        _, not_done = wait(pending, timeout=cfg.scale.poll_s)
+        pending = list(not_done)
+        done = n_chunks - len(stages.missing_chunks(cfg, "validate", n_chunks))
+        _advance(progress, bar, artifact, done)
+    runs = [f.result() for f in futures]  # raises ShardRunError for a failed shard
+    missing = stages.missing_chunks(cfg, "validate", n_chunks)
+    if missing:
+        raise ShardRunError(f"shard runs finished but chunks {missing} have no validate marker")
+    return [_shard_report(cfg, run) for run in runs]
+
+
+def _advance(progress: Progress, bar: TaskID, artifact: tasks.StageProgress, done: int) -> None:
+    progress.update(bar, completed=done)
+    artifact.update(done)
+
+
+def _shard_report(cfg: BuildConfig, run: dict) -> dict:
+    path = report_path(cfg.out, run["shard"])
+    report = json.loads(path.read_text()) if path.exists() else {}
+    if report.get("flow_run_id") != run["flow_run_id"]:
+        report = {}  # a report of an earlier run; this run's shard left none
+    return {**run, **{k: report.get(k) for k in ("chunks", "host", "pid", "device", "seconds")}}
+
+
+# ---- artifacts ---------------------------------------------------------------------------
 
 
 def _report(summary: dict) -> None:
     rows = [{"stage": s, **c} for s, c in summary["stages"].items()]
     create_table_artifact(key="okedit-stage-counts", table=rows, description="Items per stage")
+    reasons = tasks.reject_reasons(summary["paths"]["rejected"])
+    if reasons:
+        create_table_artifact(
+            key="okedit-reject-reasons", table=reasons, description="Rejected items by reason"
+        )
+    if summary.get("shards"):
+        create_table_artifact(
+            key="okedit-validate-shards", table=summary["shards"], description="Shard runs"
+        )
     counts = summary["counts"]
+    hub = summary.get("hub")
     create_markdown_artifact(
         key="okedit-summary",
         markdown=(
             f"# OKEDIT build\n\n{counts['in']} in, {counts['published']} published, "
             f"{counts['rejected']} rejected.\n\nCard: `{summary['paths']['card']}`"
+            + (f"\n\nHub: {hub['commit_url']}" if hub else "")
+            + f"\n\nFlow run: `{runtime.flow_run.name}`"
         ),
     )

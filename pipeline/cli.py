@@ -6,7 +6,6 @@ print one line and exit with status 2; they never show a traceback.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -44,11 +43,14 @@ def _friendly(exc: Exception) -> str:
 
 
 def _check_writable(out: Path) -> None:
-    probe = out if out.exists() else out.parent
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        _fail(f"cannot write to {out}: permission denied; choose another --out")
+    """Create the output folder and write a probe file, so a bad --out fails up front."""
+    probe = out / ".okedit-write-probe"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        _fail(f"cannot write to {out}: {exc.strerror or exc}; choose another --out")
 
 
 def _run_build(cfg_kwargs: dict) -> dict:
@@ -71,7 +73,7 @@ def _run_build(cfg_kwargs: dict) -> dict:
     user_errors = (BuildExistsError, ConfigError, FileNotFoundError, PermissionError, LLMFatalError)
     try:
         preflight(cfg)
-    except user_errors as exc:
+    except (*user_errors, ValueError) as exc:  # settings the sources or backends refuse
         _fail(_friendly(exc))
     from flows.build_okedit import build_okedit
 

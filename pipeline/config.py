@@ -126,6 +126,18 @@ class PublishSettings(BaseModel):
     commit_message: str = "Upload OKEDIT build"
 
 
+class ScaleSettings(BaseModel):
+    """How the build spreads over machines (docs/scaling.md). None of it changes the dataset,
+    so it is not part of the fingerprint: a build may resume sharded or not."""
+
+    # `FLOW/DEPLOYMENT` of the shard flow (flows/validate_shard.py) on a GPU work pool, e.g.
+    # "validate-okedit-shard/validate-okedit-shard"; None validates in the build's process.
+    validate_deployment: str | None = None
+    shards: int = Field(2, ge=1)  # shard flow runs; one per GPU worker is the usual choice
+    poll_s: float = Field(5.0, gt=0)  # how often the parent checks shard runs and progress
+    shard_timeout_s: float | None = Field(None, gt=0)  # None: wait as long as shards run
+
+
 class BuildConfig(BaseModel):
     source: SourceSettings = Field(default_factory=SourceSettings)
     limit: int | None = Field(None, ge=1)
@@ -138,10 +150,11 @@ class BuildConfig(BaseModel):
     quality: QualityConfig = Field(default_factory=QualityConfig)
     validation: ValidateSettings = Field(default_factory=ValidateSettings)
     publish: PublishSettings = Field(default_factory=PublishSettings)
+    scale: ScaleSettings = Field(default_factory=ScaleSettings)
 
     def describe(self) -> dict:
         """The settings that define the dataset (no paths of this machine, no secrets)."""
-        return self.model_dump(mode="json", exclude={"out", "cache_dir", "publish"})
+        return self.model_dump(mode="json", exclude={"out", "cache_dir", "publish", "scale"})
 
     def fingerprint(self) -> str:
         blob = json.dumps(self.describe(), sort_keys=True).encode()

@@ -234,3 +234,25 @@ def finalize(cfg: BuildConfig, n_chunks: int, n_in: int) -> dict:
         "stages": stage_counts,
         "paths": {k: str(v) for k, v in paths.items()},
     }
+
+
+def missing_chunks(cfg: BuildConfig, stage: str, n_chunks: int) -> list[int]:
+    """Chunks of `stage` without a completion marker (what a resumed or sharded run still owes)."""
+    work = WorkDir(cfg.out)
+    return [i for i in range(n_chunks) if not work.is_done(stage, i)]
+
+
+def publish_hub(cfg: BuildConfig) -> dict | None:
+    """Push the finished folder to `cfg.publish.repo_id` (token from HF_TOKEN) and verify it;
+    None when no Hub target is set."""
+    if not cfg.publish.repo_id:
+        return None
+    from pipeline.publish import push_to_hub
+
+    return push_to_hub(
+        cfg.out,
+        cfg.publish.repo_id,
+        private=cfg.publish.private,
+        revision=cfg.publish.revision,
+        commit_message=cfg.publish.commit_message,
+    )

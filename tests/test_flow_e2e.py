@@ -103,7 +103,7 @@ def _okedit(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                 "--llm-base-url",
                 "http://127.0.0.1:9/v1",
             ],
-            "render backend draws flagworld",
+            "okvqa-files needs --okvqa-questions",
         ),
     ],
 )
@@ -115,15 +115,10 @@ def test_bad_options_fail_in_one_line(args, message, tmp_path):
 
 
 def test_unwritable_and_foreign_output_folders(tmp_path):
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o500)
-    try:
-        result = _okedit("build", "--limit", "1", "--out", str(locked / "x"), cwd=tmp_path)
-        if result.returncode == 2:  # root ignores permissions
-            assert "cannot write" in result.stderr
-    finally:
-        locked.chmod(0o700)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = _okedit("build", "--limit", "1", "--out", str(blocker / "out"), cwd=tmp_path)
+    assert result.returncode == 2 and "cannot write" in result.stderr
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("keep me")

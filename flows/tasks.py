@@ -1,0 +1,169 @@
+"""Prefect tasks over the chunk stages of `pipeline.stages`, shared by the build flow and the
+validation shard flow.
+
+Task inputs are small and hashable: the config as JSON, the output folder's build token, a
+chunk index, item ids. `INPUTS + TASK_SOURCE` then keys a chunk's result (a dict of counts)
+across flow runs, so a resumed run shows finished chunks as Cached instead of re-entering
+them. Records and images stay in the output folder (`pipeline.work`), never in Prefect
+results. Retries happen only for errors that a second try can cure (network, timeouts,
+flaky shared storage); a bad setting or a bug fails at once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
+
+from pipeline import stages
+from pipeline.config import BuildConfig
+
+# Not the default policy: it adds RUN_ID, which never hits across runs (design §10).
+CHUNK_CACHE = INPUTS + TASK_SOURCE
+
+# OSErrors that say "this will fail the same way again".
+PERMANENT_OS_ERRORS = (
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    FileExistsError,
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors worth a retry: connection/timeouts, other OSErrors (flaky disks,
+    network file systems) and HTTP 429/5xx; never for config errors, bad values or 4xx."""
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if isinstance(status, int):  # requests/httpx/huggingface_hub HTTP errors
+        return status == 429 or status >= 500
+    if isinstance(exc, PERMANENT_OS_ERRORS):
+        return False
+    return isinstance(exc, (ConnectionError, TimeoutError, OSError))
+
+
+def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """`retry_condition_fn` for Prefect tasks: retry only when `is_transient`."""
+    try:
+        state.result()
+    except Exception as exc:  # the task's own exception, re-raised by the Failed state
+        return is_transient(exc)
+    return False
+
+
+def chunk_task(name: str, **options: Any) -> Callable[[Callable], Any]:
+    """The settings of every per-chunk task; `options` override them (tests use this)."""
+    settings: dict[str, Any] = {
+        "name": name,
+        "task_run_name": f"{name}-{{index}}",
+        "cache_policy": CHUNK_CACHE,
+        "persist_result": True,  # a small dict of counts: the cache entry, nothing more
+        "retries": 2,
+        "retry_delay_seconds": [5, 30],
+        "retry_condition_fn": retry_transient,
+    }
+    return task(**{**settings, **options})
+
+
+@lru_cache(maxsize=8)
+def config_of(config_json: str) -> BuildConfig:
+    return BuildConfig.model_validate_json(config_json)
+
+
+def build_token(out: Path) -> str:
+    """Identity of the build held in `out`: a folder deleted and built again gets a new one,
+    so a cache entry can never claim chunks that the new folder lacks."""
+    stat = (Path(out) / ".okedit" / "build.json").stat()
+    return f"{stat.st_ino}-{stat.st_mtime_ns}"
+
+
+# `build` is unused in the bodies on purpose: it is part of each cache key (see build_token).
+
+
+@chunk_task("gather")
+def gather(config_json: str, build: str, index: int, ids: list[str]) -> dict[str, int]:
+    return stages.gather_chunk(config_of(config_json), index, ids)
+
+
+@chunk_task("annotate")
+def annotate(config_json: str, build: str, index: int) -> dict[str, int]:
+    return stages.annotate_chunk(config_of(config_json), index)
+
+
+@chunk_task("images")
+def images(config_json: str, build: str, index: int) -> dict[str, int]:
+    return stages.images_chunk(config_of(config_json), index)
+
+
+@chunk_task("assemble")
+def assemble(config_json: str, build: str, index: int) -> dict[str, int]:
+    return stages.assemble_chunk(config_of(config_json), index)
+
+
+@chunk_task("validate")
+def validate(config_json: str, build: str, index: int) -> dict[str, int]:
+    return stages.validate_chunk(config_of(config_json), index)
+
+
+CHUNK_TASKS = {"annotate": annotate, "images": images, "assemble": assemble, "validate": validate}
+
+
+# Publishing always runs: it rewrites the folder from the chunks, so it is never cached.
+@task(name="publish-local", cache_policy=NO_CACHE, persist_result=False)
+def publish_local(config_json: str, n_chunks: int, n_in: int) -> dict:
+    return stages.finalize(config_of(config_json), n_chunks, n_in)
+
+
+@task(
+    name="publish-hub",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retries=3,
+    retry_delay_seconds=[10, 30, 60],
+    retry_condition_fn=retry_transient,
+)
+def publish_hub(config_json: str) -> dict | None:
+    return stages.publish_hub(config_of(config_json))
+
+
+class StageProgress:
+    """A Prefect progress artifact (percent of chunks done) for one stage of one flow run."""
+
+    def __init__(self, stage: str, total: int, done: int = 0) -> None:
+        self.stage, self.total, self.done = stage, max(total, 1), done
+        self.id = create_progress_artifact(
+            progress=self._percent(done),
+            key=f"okedit-{stage}-progress",
+            description=self._description(done),
+        )
+
+    def _percent(self, done: int) -> float:
+        return round(100.0 * done / self.total, 1)
+
+    def _description(self, done: int) -> str:
+        return f"{self.stage}: {done} of {self.total} chunks done"
+
+    def update(self, done: int) -> None:
+        if done == self.done:  # one API call per change, not per poll
+            return
+        self.done = done
+        update_progress_artifact(
+            self.id, progress=self._percent(done), description=self._description(done)
+        )
+
+
+def reject_reasons(rejected_jsonl: Path) -> list[dict[str, Any]]:
+    """Rejections grouped by stage and reason (as in the card), most frequent first."""
+    counts: dict[tuple[str, str], int] = {}
+    for line in Path(rejected_jsonl).read_text().splitlines():
+        row = json.loads(line)
+        key = (row["stage"], row["reason"].split(";")[0][:90])
+        counts[key] = counts.get(key, 0) + 1
+    ranked = sorted(counts.items(), key=lambda kv: -kv[1])
+    return [{"stage": s, "reason": r, "items": n} for (s, r), n in ranked]

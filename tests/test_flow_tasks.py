@@ -1,0 +1,175 @@
+"""Task design of the build flow on a real (embedded) Prefect API: retries only for transient
+errors, chunk caching across runs that never outlives the output folder, small Prefect
+results, progress/table/markdown artifacts, and the Hub publish stage."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from prefect import flow
+from prefect.cache_policies import NO_CACHE
+
+from flows import tasks
+from flows.tasks import chunk_task, is_transient
+from pipeline.config import BuildConfig
+from pipeline.stages import ConfigError
+from tests.test_publish_hub import FakeHub
+
+CHUNK_TASK_NAMES = {"gather", "annotate", "images", "assemble", "validate"}
+
+
+class _HTTPError(Exception):
+    def __init__(self, status: int) -> None:
+        super().__init__(f"HTTP {status}")
+        self.response = type("Response", (), {"status_code": status})()
+
+
+@pytest.mark.parametrize(
+    "exc, transient",
+    [
+        (ConnectionError("reset"), True),
+        (TimeoutError("slow"), True),
+        (OSError("stale NFS handle"), True),
+        (_HTTPError(503), True),
+        (_HTTPError(429), True),
+        (_HTTPError(401), False),
+        (FileNotFoundError("no model"), False),
+        (PermissionError("read-only"), False),
+        (ValueError("bad"), False),
+        (ConfigError("render needs flagworld"), False),
+        (RuntimeError("bug"), False),
+    ],
+)
+def test_transient_errors(exc, transient):
+    assert is_transient(exc) is transient
+
+
+def test_chunk_tasks_retry_transient_errors_only(prefect_api):
+    attempts: Counter[str] = Counter()
+    errors = {"conn": ConnectionError, "timeout": TimeoutError, "value": ValueError}
+    errors |= {"config": ConfigError, "missing": FileNotFoundError}
+
+    @chunk_task("flaky", retry_delay_seconds=0, cache_policy=NO_CACHE, persist_result=False)
+    def flaky(index: int, error: str) -> int:
+        attempts[error] += 1
+        if attempts[error] == 1:
+            raise errors[error]("first try fails")
+        return index
+
+    @flow
+    def run(error: str) -> bool:
+        return flaky(0, error, return_state=True).is_completed()
+
+    for error in errors:
+        completed = run(error)
+        retried = error in {"conn", "timeout"}
+        assert attempts[error] == (2 if retried else 1), error
+        assert completed is retried, error
+
+
+# ---- one small build, three times ---------------------------------------------------------
+
+
+def _task_runs(flow_run_id) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    return [r for r in runs if r.task_key and r.name.split("-")[0] in CHUNK_TASK_NAMES]
+
+
+def _artifacts(flow_run_id) -> dict[str, object]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return {a.key: a for a in found if a.key}
+
+
+class FlakyHub(FakeHub):
+    """Drops the connection on the first data upload, like a network hiccup."""
+
+    def upload_folder(self, **kwargs):
+        if "upload_folder" not in self.calls:
+            self.calls.append("upload_folder")
+            raise ConnectionError("connection reset by peer")
+        return super().upload_folder(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def runs(prefect_api, tmp_path_factory):
+    """Build, build again (cached), delete the folder, build again (nothing cached)."""
+    import pipeline.publish
+    from flows.build_okedit import build_okedit
+
+    hub = FlakyHub()
+    patch = pytest.MonkeyPatch()
+    patch.setattr(pipeline.publish, "default_hub_api", lambda: hub)
+    patch.setattr(tasks, "publish_hub", tasks.publish_hub.with_options(retry_delay_seconds=0))
+    out = tmp_path_factory.mktemp("cache") / "okedit"
+    cfg = BuildConfig(
+        limit=4, chunk_size=2, out=out, validation={"enabled": False}, publish={"repo_id": "me/ok"}
+    )
+    started = time.time()
+    states = []
+    try:
+        for fresh in (False, False, True):
+            if fresh:
+                shutil.rmtree(out)
+            states.append(build_okedit(config=cfg, return_state=True))
+    finally:
+        patch.undo()
+    return cfg, states, hub, started
+
+
+def test_second_run_is_cached_and_a_new_folder_is_not(runs):
+    cfg, states, _, _ = runs
+    summaries = [s.result() for s in states]
+    assert summaries[0]["counts"] == summaries[1]["counts"] == summaries[2]["counts"]
+    names = [Counter(r.state_name for r in _task_runs(s.state_details.flow_run_id)) for s in states]
+    n_tasks = 5 * 2  # five chunk stages, two chunks
+    assert names[0] == {"Completed": n_tasks}
+    assert names[1] == {"Cached": n_tasks}  # INPUTS + TASK_SOURCE hit across flow runs
+    # a deleted and rebuilt folder is a new build: a cache hit would skip writing its chunks
+    assert names[2] == {"Completed": n_tasks}
+    assert (cfg.out / "manifest.json").exists()
+
+
+def test_prefect_results_hold_no_data(runs):
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
+
+    _, _, _, started = runs
+    storage = Path(PREFECT_LOCAL_STORAGE_PATH.value())
+    written = [p for p in storage.rglob("*") if p.is_file() and p.stat().st_mtime >= started - 1]
+    assert written, "the chunk tasks persist their (small) results for the cache"
+    assert max(p.stat().st_size for p in written) < 4096  # counts, never records or images
+
+
+def test_artifacts(runs):
+    _, states, _, _ = runs
+    found = _artifacts(states[0].state_details.flow_run_id)
+    assert {"okedit-stage-counts", "okedit-summary", "okedit-validate-progress"} <= set(found)
+    assert found["okedit-validate-progress"].type == "progress"
+    assert float(found["okedit-validate-progress"].data) == 100.0
+    assert found["okedit-annotate-progress"].data == 100.0
+    stages = {row["stage"] for row in found["okedit-stage-counts"].data}
+    assert stages == CHUNK_TASK_NAMES
+    assert "https://hub.test/commit/abc" in found["okedit-summary"].data
+
+
+def test_publish_stage_retries_a_dropped_connection(runs):
+    _, states, hub, _ = runs
+    summary = states[0].result()
+    assert summary["hub"]["commit_url"] == "https://hub.test/commit/abc"
+    assert summary["hub"]["rows"] == summary["counts"]["published"]
+    assert "README.md" in hub.files and any(f.startswith("data/") for f in hub.files)
