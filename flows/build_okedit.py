@@ -24,6 +24,11 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact  #
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.deployments import run_deployment  # noqa: E402
 from prefect.futures import as_completed, wait  # noqa: E402
+from prefect.settings import (  # noqa: E402
+    PREFECT_API_URL,
+    PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+    temporary_settings,
+)
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 from rich.progress import Progress, TaskID  # noqa: E402
 
@@ -98,6 +103,20 @@ def build_okedit(
         return _build(cfg, resumed)
 
 
+def run_build(config: BuildConfig) -> dict:
+    """Run the flow in this process, as `okedit build`/`okedit demo` do.
+
+    On the embedded API (no PREFECT_API_URL) flow-run heartbeats are switched off: nothing
+    outlives the process to watch them, and Prefect 3.9 stops its heartbeat thread in 1 s
+    sleeps, which adds up to a second to every run (bench/orchestration_overhead.py). With
+    a real server they stay on, for crash detection.
+    """
+    if PREFECT_API_URL.value():
+        return build_okedit(config=config)
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        return build_okedit(config=config)
+
+
 def _build(cfg: BuildConfig, resumed: bool) -> dict:
     ids = stages.list_ids(cfg)
     chunks = stages.chunked(ids, cfg.chunk_size)
@@ -143,8 +162,8 @@ def run_shard(
     if run.state is None or not run.state.is_completed():
         state = run.state.name if run.state else "unknown"
         raise ShardRunError(
-            f"validation shard {shard} (flow run {run.name}) ended {state}; re-run the build "
-            "to resume: finished chunks are kept"
+            f"validation shard {shard} (flow run {run.name}) is {state}, not Completed; "
+            "re-run the build to resume: finished chunks are kept"
         )
     return {"shard": shard, "flow_run_id": str(run.id), "flow_run": run.name}
 

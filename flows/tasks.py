@@ -12,6 +12,7 @@ flaky shared storage); a bad setting or a bug fails at once.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
@@ -48,7 +49,7 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, (ConnectionError, TimeoutError, OSError))
 
 
-def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+def retry_transient(task_: Any, task_run: Any, state: Any) -> bool:
     """`retry_condition_fn` for Prefect tasks: retry only when `is_transient`."""
     try:
         state.result()
@@ -133,15 +134,22 @@ def publish_hub(config_json: str) -> dict | None:
 
 
 class StageProgress:
-    """A Prefect progress artifact (percent of chunks done) for one stage of one flow run."""
+    """A Prefect progress artifact (percent of chunks done) for one stage of one flow run.
 
-    def __init__(self, stage: str, total: int, done: int = 0) -> None:
+    Updated as chunks finish, at most once per `min_interval_s` (each update is a blocking
+    API call; a demo build finishes chunks faster than anyone reads them), and always at
+    the end of the stage.
+    """
+
+    def __init__(self, stage: str, total: int, done: int = 0, min_interval_s: float = 1.0):
         self.stage, self.total, self.done = stage, max(total, 1), done
+        self.min_interval_s = min_interval_s
         self.id = create_progress_artifact(
             progress=self._percent(done),
             key=f"okedit-{stage}-progress",
             description=self._description(done),
         )
+        self._sent_at = time.monotonic()
 
     def _percent(self, done: int) -> float:
         return round(100.0 * done / self.total, 1)
@@ -150,9 +158,11 @@ class StageProgress:
         return f"{self.stage}: {done} of {self.total} chunks done"
 
     def update(self, done: int) -> None:
-        if done == self.done:  # one API call per change, not per poll
+        finished = done >= self.total
+        recent = time.monotonic() - self._sent_at < self.min_interval_s
+        if done == self.done or (recent and not finished):
             return
-        self.done = done
+        self.done, self._sent_at = done, time.monotonic()
         update_progress_artifact(
             self.id, progress=self._percent(done), description=self._description(done)
         )

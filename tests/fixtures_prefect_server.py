@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -153,11 +152,11 @@ _SERVER: PrefectServer | None = None
 
 
 @pytest.fixture(scope="session")
-def prefect_server() -> Iterator[PrefectServer]:
+def prefect_server(tmp_path_factory) -> Iterator[PrefectServer]:
     """One real server per session, even when several test modules import this fixture."""
     global _SERVER
     if _SERVER is None:
-        server = PrefectServer(Path(tempfile.mkdtemp(prefix="okedit-server-")), free_port())
+        server = PrefectServer(tmp_path_factory.mktemp("prefect-server"), free_port())
         server.start()
         _SERVER = server
     yield _SERVER
@@ -173,7 +172,7 @@ _MODEL: str | None = None
 
 
 @pytest.fixture(scope="session")
-def validation_model() -> str:
+def validation_model(tmp_path_factory) -> str:
     """The shipped tiny flagworld VLM, or (while it is not there) an untrained model of the
     same architecture and vocabulary: the orchestration tests need a real, fast model, not
     a good one."""
@@ -190,7 +189,7 @@ def validation_model() -> str:
             processor = build_flagworld_tokenizer_and_processor()
             model = build_tiny_llava(processor.tokenizer, seed=0)
             # "tiny-flagworld" in the name selects the tiny model's edit preset
-            path = Path(tempfile.mkdtemp(prefix="okedit-model-")) / "tiny-flagworld-untrained"
+            path = tmp_path_factory.mktemp("model") / "tiny-flagworld-untrained"
             save_tiny_vlm(model, processor, path, okedit_meta(processor))
             _MODEL = str(path)
     return _MODEL
@@ -233,11 +232,11 @@ _REFERENCE: tuple[BuildConfig, dict] | None = None
 
 
 @pytest.fixture(scope="session")
-def reference_build(prefect_server, validation_model) -> tuple[BuildConfig, dict]:
+def reference_build(prefect_server, validation_model, tmp_path_factory) -> tuple[BuildConfig, dict]:
     """The small build, uninterrupted and unsharded: what resumed and sharded builds must equal."""
     global _REFERENCE
     if _REFERENCE is None:
-        out = Path(tempfile.mkdtemp(prefix="okedit-reference-")) / "okedit"
+        out = tmp_path_factory.mktemp("reference") / "okedit"
         cfg = small_config(out, validation_model)
         summary = run_build(prefect_server, cfg, prefect_server.logs / "reference-build.log")
         _REFERENCE = (cfg, summary)
