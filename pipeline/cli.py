@@ -75,10 +75,10 @@ def _run_build(cfg_kwargs: dict) -> dict:
         preflight(cfg)
     except (*user_errors, ValueError) as exc:  # settings the sources or backends refuse
         _fail(_friendly(exc))
-    from flows.build_okedit import build_okedit
+    from flows.build_okedit import run_build
 
     try:
-        summary = build_okedit(config=cfg)
+        summary = run_build(cfg)
     except user_errors as exc:
         _fail(_friendly(exc))
     _print_summary(summary)
@@ -125,6 +125,11 @@ def build(
     filter_scope: Annotated[
         bool, typer.Option("--filter-scope", help="drop items whose scope is ambiguous")
     ] = False,
+    repo_id: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="then push to this Hub dataset repo (token from HF_TOKEN)"),
+    ] = None,
+    private: Annotated[bool, typer.Option(help="create the Hub repo private")] = False,
     okvqa_questions: Annotated[
         Optional[Path],  # noqa: UP045
         typer.Option(help="okvqa-files: OpenEnded_mscoco_<split>_questions.json"),
@@ -185,6 +190,7 @@ def build(
             "chunk_size": chunk_size,
             "annotator": {"kind": annotator, "llm_base_url": llm_base_url, "llm_model": llm_model},
             "validation": validation,
+            "publish": {"repo_id": repo_id, "private": private},
         }
     )
 
@@ -248,11 +254,16 @@ def serve(
     interval_s: Annotated[Optional[int], typer.Option(help="or: every N seconds")] = None,  # noqa: UP045
     limit: Annotated[Optional[int], typer.Option(help="default --limit of runs")] = None,  # noqa: UP045
     out: Annotated[Optional[str], typer.Option(help="default output folder of runs")] = None,  # noqa: UP045
+    repo_id: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="push each run's dataset to this Hub repo (HF_TOKEN)"),
+    ] = None,
 ) -> None:
     """Serve the build-okedit deployment (needs PREFECT_API_URL of a running server)."""
     from flows.serve import serve as serve_deployment
 
-    parameters = {k: v for k, v in {"limit": limit, "out": out}.items() if v is not None}
+    defaults = {"limit": limit, "out": out, "repo_id": repo_id}
+    parameters = {k: v for k, v in defaults.items() if v is not None}
     serve_deployment(cron=cron, interval_s=interval_s, parameters=parameters)
 
 
