@@ -14,6 +14,14 @@
   i.e. just inside the negative for a small α (ref: α = 0.05 for BLIP-2). The config's
   `alpha_weights` makes the other reading (α on the negative term) explicit.
 * Edit loop: Adam (eps 1e-4) on the copy only, teacher-forced target loss, `steps` steps.
+
+Key variants (issue 7, `EditorConfig.key_variant`). The same rule sets the radius of every
+part p of the key: ε_p = (1 − α)·d(k_p, k_neg,p) + α·d(k_p, k_pos,p), where k_neg,p is the
+*nearest* of the negatives that bound that part — the image negative, the item's training
+text negative (another question about the same image, BalancEdit's principle applied to
+text), or both — so ε_p stays just inside every one of them. `reference` uses the image
+negative only (as published). For a two-part key the image part's positive is the same image
+(d = 0 when the image precedes the question), so ε_image ≈ (1 − α)·d(k_image, k_neg,image).
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from editors.base import Editor
+from editors.base import Editor, Radius
 from editors.codebook import balanced_radius, distance
 
 
@@ -34,17 +42,30 @@ class BalancEdit(Editor):
 
     def new_entry(
         self, keys: Tensor, x_edit: Tensor, last_prompt: int
-    ) -> tuple[Any, float, float | None, float | None]:
-        if keys.shape[0] != 3:
+    ) -> tuple[Any, tuple[Radius, ...]]:
+        """The copy and the radius of each key part. keys (R, P, H); rows: k, k_pos, k_neg and,
+        when a part is bounded by the text negative, k_text_neg."""
+        needed = 4 if self.config.needs_text_negative else 3
+        if keys.shape[0] != needed:
             raise ValueError(
                 "BalancEdit needs a positive (a training paraphrase on the same image) and a "
                 "negative (the near-miss image, or a black/white image) to set its radius"
+                + (", and a training text negative" if needed == 4 else "")
+                + f" (key variant {self.config.key_variant!r}); got {keys.shape[0] - 1} of them"
             )
-        k, k_pos, k_neg = keys
+        row = {"image": 2, "text": 3}  # which row holds the negative of each kind
+        radii = tuple(
+            self.part_radius(keys[0, p], keys[1, p], [keys[row[n], p] for n in part.negatives])
+            for p, part in enumerate(self.config.key_parts())
+        )
+        return self.new_value(), radii
+
+    def part_radius(self, k: Tensor, k_pos: Tensor, k_negs: list[Tensor]) -> Radius:
+        """ε = (1 − α)·d(k, k_neg) + α·d(k, k_pos), k_neg the nearest of the negatives."""
         d_pos = distance(k, k_pos, self.config.distance)
-        d_neg = distance(k, k_neg, self.config.distance)
+        d_neg = min(distance(k, k_neg, self.config.distance) for k_neg in k_negs)
         epsilon = balanced_radius(d_pos, d_neg, self.config.alpha, self.config.alpha_weights)
-        return self.new_value(), epsilon, d_pos, d_neg
+        return Radius(epsilon, d_pos, d_neg)
 
     def new_value(self) -> nn.Linear:
         """A trainable fp32 copy of the wrapped module (the original stays untouched)."""

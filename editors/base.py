@@ -10,6 +10,10 @@ linear module, the edit loop, and two ways to run it.
 
 An editor subclass defines `edited_output` (what the module returns for routed inputs), how a
 new entry's value and radius are made, and which parameters train.
+
+Keys. The routing key k of a sequence is the wrapped module's input x pooled over positions
+(`EditorConfig.key_parts()`): one part for the reference key, two for the image/text keys of
+issue 7; keys are (B, P, H) tensors throughout, and the codebook routes by all parts.
 """
 
 from __future__ import annotations
@@ -18,14 +22,14 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from editors.adapters.base import Batch, Capture, ImageLike, VLMAdapter
-from editors.codebook import Codebook, Placement, pool_keys
+from editors.codebook import Codebook, Placement, pool_key_parts
 from editors.config import EditorConfig
 
 
@@ -40,16 +44,29 @@ class Prompt:
 
 @dataclass
 class EditRequest:
-    """An edit (question + image -> target) with the positive and negative that set BalancEdit's
-    radius (GRACE and FT ignore them)."""
+    """An edit (question + image -> target) with the positive and negatives that set
+    BalancEdit's radius (GRACE and FT ignore them)."""
 
     edit: Prompt
-    positive: Prompt | None = None
-    negative: Prompt | None = None
+    positive: Prompt | None = None  # a training paraphrase on the same image
+    negative: Prompt | None = None  # the edit question on a near-miss (or black/white) image
+    text_negative: Prompt | None = None  # another question about the same image (issue 7)
     label: str | None = None  # codebook label; default: the target
 
     def rows(self) -> list[Prompt]:
-        return [p for p in (self.edit, self.positive, self.negative) if p is not None]
+        """Rows in the order `new_entry` reads them: edit, positive, negative, text negative."""
+        rows = (self.edit, self.positive, self.negative, self.text_negative)
+        return [p for p in rows if p is not None]
+
+
+@dataclass(frozen=True)
+class Radius:
+    """ε of one key part, and the distances d(k, k_pos), d(k, k_neg) that set it (BalancEdit;
+    None for a fixed radius)."""
+
+    epsilon: float
+    d_pos: float | None = None
+    d_neg: float | None = None
 
 
 @dataclass
@@ -58,9 +75,7 @@ class EditOutcome:
 
     entry: int  # the codebook entry trained
     action: str  # add | split | expand
-    epsilon: float  # the entry's radius after placement
-    d_pos: float | None
-    d_neg: float | None
+    radii: tuple[Radius, ...]  # per key part; ε after placement
     losses: list[float]
     path: str  # fast | slow
     seconds: float
@@ -71,19 +86,21 @@ class Routed:
     """An edited forward: per row the target-position logits and where the key fell."""
 
     target_logits: list[Tensor]  # row b: (m_b, V) logits at its target-predicting positions
-    distances: Tensor  # (B, N) d(row key, entry key)
+    distances: Tensor  # (B, N) combined distance Σ_p d(row key_p, entry key_p)
     entry: Tensor  # (B,) routed entry, -1 = original module
+    parts: Tensor  # (B, N, P) per-part distances
 
 
 @dataclass
 class _Context:
-    pool_mask: Tensor | None
+    pool_masks: list[Tensor]
     last_prompt: Tensor
     force: int | None = None
     generating: bool = False
     route: Tensor | None = None
     offset: int = 0
     distances: list[Tensor] = field(default_factory=list)
+    parts: list[Tensor] = field(default_factory=list)
 
 
 class EditedModule(nn.Module):
@@ -131,16 +148,17 @@ class Editor(ABC):
     @abstractmethod
     def new_entry(
         self, keys: Tensor, x_edit: Tensor, last_prompt: int
-    ) -> tuple[Any, float, float | None, float | None]:
-        """(value, epsilon, d_pos, d_neg) of a new entry; keys rows = edit, positive, negative."""
+    ) -> tuple[Any, tuple[Radius, ...]]:
+        """(value, radius per key part) of a new entry; keys (R, P, H), rows as
+        `EditRequest.rows()`: edit, positive, negative, text negative."""
 
     @abstractmethod
     def trainable(self, entry: int) -> list[Tensor]:
         """The parameters trained for codebook entry `entry`."""
 
-    def place(self, key: Tensor, value: Any, epsilon: float, label: str) -> Placement:
+    def place(self, key: Tensor, value: Any, radii: list[float], label: str) -> Placement:
         """Put a new edit in the codebook (GRACE's add / split / expand rules)."""
-        return self.codebook.add(key, value, epsilon, label)
+        return self.codebook.add(key, value, radii, label)
 
     def restore(self) -> None:
         """Forget every edit: the model is exactly as before the first edit."""
@@ -164,25 +182,25 @@ class Editor(ABC):
         `capture` of that batch (fast path) no further forward of the network is needed."""
         start = time.perf_counter()
         if capture is not None:
-            keys = pool_keys(capture.x[rows], batch.pool_mask(self.config.key_pooling)[rows])
+            masks = [mask[rows] for mask in self.key_masks(batch)]
+            keys = pool_key_parts(capture.x[rows], masks)
             x_edit = capture.x[rows[0]]
         else:
             sub = self.adapter.select(batch, rows)
             x = self.module_inputs(sub)
             keys, x_edit = self.keys_of(x, sub), x[0]
         last_prompt = int(batch.last_prompt[rows[0]])
-        value, epsilon, d_pos, d_neg = self.new_entry(keys, x_edit, last_prompt)
-        placement = self.place(keys[0], value, epsilon, label)
+        value, radii = self.new_entry(keys, x_edit, last_prompt)
+        placement = self.place(keys[0], value, [r.epsilon for r in radii], label)
         edit_batch = self.adapter.select(batch, rows[:1])
         losses = self._train(
             placement, edit_batch, self._edit_capture(capture, rows[0], edit_batch)
         )
+        placed = self.codebook.radii[placement.index]
         return EditOutcome(
             entry=placement.index,
             action=placement.action,
-            epsilon=self.codebook.epsilons[placement.index],
-            d_pos=d_pos,
-            d_neg=d_neg,
+            radii=tuple(replace(r, epsilon=e) for r, e in zip(radii, placed, strict=True)),
             losses=losses,
             path="fast" if capture is not None else "slow",
             seconds=time.perf_counter() - start,
@@ -230,9 +248,13 @@ class Editor(ABC):
         return losses
 
     # ----------------------------------------------------------------- keys
+    def key_masks(self, batch: Batch) -> list[Tensor]:
+        """Per key part, the (B, T) positions its part of the key is pooled over."""
+        return [batch.pool_mask(part.pooling) for part in self.config.key_parts()]
+
     def keys_of(self, x: Tensor, batch: Batch) -> Tensor:
-        """Key per row: the module input pooled as configured (`config.key_pooling`)."""
-        return pool_keys(x, batch.pool_mask(self.config.key_pooling))
+        """Keys (B, P, H): the module input x pooled over each key part's positions."""
+        return pool_key_parts(x, self.key_masks(batch))
 
     @torch.no_grad()
     def module_inputs(self, batch: Batch) -> Tensor:
@@ -271,9 +293,11 @@ class Editor(ABC):
             with self.applied(batch) as ctx:
                 logits = self.adapter.logits(batch)
             rows, pos = batch.target_mask.nonzero(as_tuple=True)
-            return Routed(_split_rows(logits[rows, pos], batch), ctx.distances[0], ctx.route)
+            return Routed(
+                _split_rows(logits[rows, pos], batch), ctx.distances[0], ctx.route, ctx.parts[0]
+            )
         keys = self.keys_of(capture.x, batch)
-        distances = self.codebook.distances(keys)
+        parts = self.codebook.part_distances(keys)
         _, route = self.codebook.route(keys)
         rows, pos = batch.target_mask.nonzero(as_tuple=True)
         head = self.adapter.model.get_submodule(self.adapter.lm_head_path)
@@ -281,7 +305,7 @@ class Editor(ABC):
         if bool((route >= 0).any()):
             edited = self.tail_logits(capture, batch, route, rows, pos)
             flat = torch.where((route[rows] >= 0).unsqueeze(-1), edited, flat)
-        return Routed(_split_rows(flat, batch), distances, route)
+        return Routed(_split_rows(flat, batch), parts.sum(dim=-1), route, parts)
 
     def tail_logits(
         self, capture: Capture, batch: Batch, route: Tensor, rows: Tensor, pos: Tensor
@@ -318,7 +342,7 @@ class Editor(ABC):
         parent_path, _, name = self.path.rpartition(".")
         parent = self.adapter.model.get_submodule(parent_path)
         ctx = _Context(
-            pool_mask=batch.pool_mask(self.config.key_pooling),
+            pool_masks=self.key_masks(batch),
             last_prompt=batch.last_prompt,
             force=force_entry,
             generating=generating,
@@ -352,13 +376,14 @@ class Editor(ABC):
         b, t = self._shape
         x3 = x.reshape(b, t, -1)
         if ctx.route is None or not ctx.generating:
-            keys = pool_keys(x3, ctx.pool_mask)
-            distances = self.codebook.distances(keys)
+            keys = pool_key_parts(x3, ctx.pool_masks)
+            parts = self.codebook.part_distances(keys)
             _, route = self.codebook.route(keys)
             if ctx.force is not None:
                 route = torch.full_like(route, ctx.force)
             ctx.route = route
-            ctx.distances.append(distances)
+            ctx.distances.append(parts.sum(dim=-1))
+            ctx.parts.append(parts)
         rows = torch.arange(b, device=x.device).unsqueeze(1).expand(b, t)
         pos = (ctx.offset + torch.arange(t, device=x.device)).unsqueeze(0).expand(b, t)
         if ctx.generating:

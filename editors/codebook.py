@@ -10,10 +10,20 @@ when a new key lands near an existing one:
   so that the two balls no longer overlap;
 * closer, with the same label    -> expand: ε_old grows to d (if smaller), the old entry's
   value is trained on the new edit, no entry is added.
+
+Multi-part keys (issue 7). A key may have P parts k = (k_1, …, k_P) (e.g. an image part and a
+text part), each with its own radius ε_p. An entry *contains* a query q when every part lies
+inside: d(q_p, k_p) ≤ ε_p for all p. The nearest entry is the one with the smallest sum of
+part distances Σ_p d(q_p, k_p); the query routes to it iff it contains q. With P = 1 all of
+this is the single-key rule above. The GRACE rules act per part: two entries are disjoint
+when *some* part's balls are (add); a split halves the radii of the part whose balls overlap
+least (largest d_p / (ε_old,p + ε_new,p)); an expansion grows every part to cover the key.
+Keys are stored as (N, P, H); a (H,) or (B, H) key is a one-part key.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeVar
 
@@ -57,6 +67,22 @@ def pool_keys(x: Tensor, mask: Tensor) -> Tensor:
     return (x * weights).sum(dim=1) / counts
 
 
+def pool_key_parts(x: Tensor, masks: Sequence[Tensor]) -> Tensor:
+    """Multi-part keys (B, P, H): part p is x (B, T, H) pooled over the positions of masks[p]."""
+    return torch.stack([pool_keys(x, mask) for mask in masks], dim=1)
+
+
+def as_parts(keys: Tensor) -> Tensor:
+    """Keys as (B, P, H): a (B, H) batch of keys becomes one-part keys."""
+    return keys.unsqueeze(1) if keys.dim() == 2 else keys
+
+
+def relative_distance(parts: Tensor, radii: Sequence[float]) -> Tensor:
+    """max_p d_p / ε_p for part distances (B, P) to one entry with radii ε_p: ≤ 1 iff inside."""
+    eps = torch.tensor(radii, device=parts.device, dtype=parts.dtype)
+    return (parts / eps.clamp_min(1e-12)).amax(dim=-1)
+
+
 def balanced_radius(
     d_pos: float, d_neg: float, alpha: float, alpha_weights: Literal["positive", "negative"]
 ) -> float:
@@ -80,75 +106,130 @@ class Placement:
     nearest_distance: float = float("inf")
 
 
+Radii = float | Sequence[float]  # ε of a one-part key, or one ε per key part
+
+
 @dataclass
 class Codebook(Generic[V]):
-    """Keys (N, H), radii ε (N,), values and labels; routing by the nearest key."""
+    """Keys (N, P, H), radii ε (N, P), values and labels; routing by the nearest key."""
 
     distance: DistanceName = "cosine"
     keys: Tensor | None = None
-    epsilons: list[float] = field(default_factory=list)
+    radii: list[tuple[float, ...]] = field(default_factory=list)  # ε_p of each entry
     values: list[V] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def distances(self, queries: Tensor) -> Tensor:
-        """d(query_b, key_n) as (B, N)."""
+    @property
+    def epsilons(self) -> list[float]:
+        """ε of each entry, for one-part keys."""
+        if any(len(r) != 1 for r in self.radii):
+            raise ValueError("a multi-part codebook has one ε per key part: use .radii")
+        return [r[0] for r in self.radii]
+
+    def part_distances(self, queries: Tensor) -> Tensor:
+        """d(q_p, k_p) of each query b, entry n and part p, as (B, N, P)."""
+        queries = as_parts(queries)
+        b, p, _ = queries.shape
         if self.keys is None:
-            return torch.empty(queries.shape[0], 0, device=queries.device)
-        return pairwise_distance(queries, self.keys.to(queries.device), self.distance)
+            return torch.empty(b, 0, p, device=queries.device)
+        keys = self.keys.to(queries.device)
+        parts = [pairwise_distance(queries[:, i], keys[:, i], self.distance) for i in range(p)]
+        return torch.stack(parts, dim=-1)
+
+    def distances(self, queries: Tensor) -> Tensor:
+        """The combined distance Σ_p d(q_p, k_p) as (B, N) (= d for one-part keys)."""
+        return self.part_distances(queries).sum(dim=-1)
 
     def nearest(self, queries: Tensor) -> tuple[Tensor, Tensor]:
         """(distance, index) of the nearest key per query; (inf, -1) when the codebook is empty."""
         if len(self) == 0:
-            batch = queries.shape[0]
+            batch = as_parts(queries).shape[0]
             inf = torch.full((batch,), float("inf"), device=queries.device)
             return inf, torch.full((batch,), -1, dtype=torch.long, device=queries.device)
         return self.distances(queries).min(dim=1)
 
     def route(self, queries: Tensor) -> tuple[Tensor, Tensor]:
-        """(distance to nearest key, entry index or -1): an entry is used iff d <= its ε."""
+        """(distance to nearest key, entry index or -1): the nearest entry is used iff every
+        part of the query lies within that part's ε."""
         dist, index = self.nearest(queries)
         if len(self) == 0:
             return dist, index
-        eps = torch.tensor(self.epsilons, device=dist.device, dtype=dist.dtype)[index]
-        return dist, torch.where(dist <= eps, index, torch.full_like(index, -1))
+        rows = torch.arange(len(index), device=index.device)
+        parts = self.part_distances(queries)[rows, index]  # (B, P): d_p to the nearest entry
+        eps = torch.tensor(self.radii, device=dist.device, dtype=parts.dtype)[index]
+        inside = (parts <= eps).all(dim=-1)
+        return dist, torch.where(inside, index, torch.full_like(index, -1))
 
-    def add(self, key: Tensor, value: V, epsilon: float, label: str) -> Placement:
+    def relative_distance(self, queries: Tensor, entry: int) -> Tensor:
+        """max_p d(q_p, k_p) / ε_p for one entry, (B,): ≤ 1 iff the entry contains the query."""
+        return relative_distance(self.part_distances(queries)[:, entry], self.radii[entry])
+
+    def add(self, key: Tensor, value: V, epsilon: Radii, label: str) -> Placement:
         """Place a new edit by GRACE's add / split / expand rules (module docstring)."""
-        key = key.detach().reshape(1, -1)
+        key = self._checked(key)
+        new = _radii(epsilon, key.shape[1])
         if len(self) == 0:
-            return self._append(key, value, epsilon, label, "add")
+            return self._append(key, value, new, label, "add")
         dist_t, index_t = self.nearest(key)
         d, nearest = float(dist_t[0]), int(index_t[0])
-        if d > self.epsilons[nearest] + epsilon:
-            return self._append(key, value, epsilon, label, "add", d)
+        d_parts = self.part_distances(key)[0, nearest].tolist()
+        old = self.radii[nearest]
+        reach = [eo + en for eo, en in zip(old, new, strict=True)]  # ε_old,p + ε_new,p
+        if any(dp > r for dp, r in zip(d_parts, reach, strict=True)):  # some part disjoint
+            return self._append(key, value, new, label, "add", d)
         if self.labels[nearest] != label:
-            placement = self._append(key, value, min(epsilon, d / 2), label, "split", d)
-            self.epsilons[nearest] = min(self.epsilons[nearest], d / 2 - SPLIT_MARGIN)
+            overlap = [dp / max(r, 1e-12) for dp, r in zip(d_parts, reach, strict=True)]
+            p = overlap.index(max(overlap))  # split the part whose balls overlap least
+            split = list(new)
+            split[p] = min(new[p], d_parts[p] / 2)
+            placement = self._append(key, value, tuple(split), label, "split", d)
+            shrunk = list(old)
+            shrunk[p] = min(old[p], d_parts[p] / 2 - SPLIT_MARGIN)
+            self.radii[nearest] = tuple(shrunk)
             return placement
-        self.epsilons[nearest] = max(self.epsilons[nearest], d)
+        self.radii[nearest] = tuple(max(eo, dp) for eo, dp in zip(old, d_parts, strict=True))
         return Placement("expand", nearest, d)
 
-    def append(self, key: Tensor, value: V, epsilon: float, label: str) -> Placement:
+    def append(self, key: Tensor, value: V, epsilon: Radii, label: str) -> Placement:
         """Add an entry without GRACE's placement rules (e.g. FT, which does not route)."""
-        return self._append(key.detach().reshape(1, -1), value, epsilon, label, "add")
+        key = self._checked(key)
+        return self._append(key, value, _radii(epsilon, key.shape[1]), label, "add")
+
+    def _checked(self, key: Tensor) -> Tensor:
+        """One key as (1, P, H), from (H,) (one part) or (P, H), shaped like the stored keys."""
+        key = key.detach()
+        key = key.reshape(1, 1, -1) if key.dim() == 1 else key.reshape(1, *key.shape[-2:])
+        if self.keys is not None and self.keys.shape[1:] != key.shape[1:]:
+            raise ValueError(
+                f"key of shape {tuple(key.shape[1:])} (parts, width) does not match the "
+                f"codebook's {tuple(self.keys.shape[1:])}"
+            )
+        return key
 
     def clear(self) -> None:
-        self.keys, self.epsilons, self.values, self.labels = None, [], [], []
+        self.keys, self.radii, self.values, self.labels = None, [], [], []
 
     def _append(
         self,
         key: Tensor,
         value: V,
-        epsilon: float,
+        radii: tuple[float, ...],
         label: str,
         action: str,
         d: float = float("inf"),
     ) -> Placement:
         self.keys = key if self.keys is None else torch.cat([self.keys, key.to(self.keys)], dim=0)
-        self.epsilons.append(float(epsilon))
+        self.radii.append(radii)
         self.values.append(value)
         self.labels.append(label)
         return Placement(action, len(self) - 1, d)  # type: ignore[arg-type]
+
+
+def _radii(epsilon: Radii, parts: int) -> tuple[float, ...]:
+    radii = (float(epsilon),) if isinstance(epsilon, int | float) else tuple(map(float, epsilon))
+    if len(radii) != parts:
+        raise ValueError(f"{len(radii)} radii for a key of {parts} parts")
+    return radii

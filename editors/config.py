@@ -13,6 +13,7 @@ every result (`Validation.edit_config`).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Any, Literal
 
@@ -20,7 +21,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 EditorName = Literal["balancedit", "grace", "ft"]
-KeyPooling = Literal["mean_all", "mean_prompt", "last_prompt"]
+# Positions of the module input a key (part) is averaged over; see `Batch.pool_mask`.
+KeyPooling = Literal["mean_all", "mean_prompt", "last_prompt", "question", "image"]
+KeyVariant = Literal["reference", "question", "last_prompt", "two_part", "two_part_last"]
+RadiusNegative = Literal["image", "text"]
 Distance = Literal["cosine", "euclidean"]
 NegativeSource = Literal["near_miss", "black", "white"]
 Family = Literal["auto", "llava", "blip2", "qwen2_vl", "idefics3", "smolvlm"]
@@ -50,6 +54,33 @@ EDIT_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+@dataclass(frozen=True)
+class KeyPart:
+    """One part of a routing key: the positions of the module input it is pooled over, and
+    the training negatives its radius ε must stay inside ("image": the near-miss or
+    black/white image with the edit question; "text": the item's training text negative)."""
+
+    pooling: KeyPooling
+    negatives: tuple[RadiusNegative, ...]
+
+
+# Key variants beyond the reference (issue 7). `reference` is BalancEdit as published: one key
+# pooled by `key_pooling` (mean over all positions), ε from the image negative only. The others
+# also keep ε inside the item's training text negative (same image, another fact). A two-part
+# key routes only when *every* part lies inside its own ε.
+KEY_VARIANTS: dict[str, tuple[KeyPart, ...]] = {
+    # Mean over the question's tokens: no image tokens, no template words, no target.
+    "question": (KeyPart("question", ("image", "text")),),
+    # The last prompt token (GRACE's key): the state from which the answer is predicted.
+    "last_prompt": (KeyPart("last_prompt", ("image", "text")),),
+    # Image part (image tokens; ε from image negatives) AND text part (question tokens; ε from
+    # the text negative).
+    "two_part": (KeyPart("image", ("image",)), KeyPart("question", ("text",))),
+    # As two_part, with the last prompt token as the text part.
+    "two_part_last": (KeyPart("image", ("image",)), KeyPart("last_prompt", ("text",))),
+}
+
+
 def preset_name(model: str) -> str:
     """The `EDIT_PRESETS` key for a model id or path: an exact key, else a key contained in
     the model's last path component (e.g. `.okedit-cache/tiny-flagworld-v1`), else `default`."""
@@ -71,7 +102,13 @@ class EditorConfig(BaseModel):
     # Dotted path of the linear module to wrap, negative list indices allowed
     # (e.g. "model.language_model.layers.-1.mlp.down_proj"); None = the adapter's default.
     module: str | None = None
-    key_pooling: KeyPooling = "mean_all"
+    key_pooling: KeyPooling = "mean_all"  # the pooling of the `reference` key variant
+    # Which key routes an input (KEY_VARIANTS); "reference" = one key pooled by `key_pooling`,
+    # ε from the image negative only (BalancEdit's code; issue 3). BalancEdit only.
+    key_variant: KeyVariant = "reference"
+    # The item's text negative that sets the text radius (variants with a "text" negative); it
+    # becomes a training probe and is left out of the evaluation probes. -1 = the last one.
+    train_text_negative: int = -1
     distance: Distance = "cosine"
     # Radius: eps = (1 - alpha) * d(k, k_neg) + alpha * d(k, k_pos) when alpha_weights is
     # "positive" (the reference code); "negative" puts alpha on the negative term instead.
@@ -102,6 +139,34 @@ class EditorConfig(BaseModel):
         editor = data.get("editor", "balancedit")
         defaults = EDITOR_DEFAULTS.get(editor, {})
         return {**defaults, **data}
+
+    @model_validator(mode="after")
+    def _variant_needs_balancedit(self) -> EditorConfig:
+        if self.key_variant != "reference" and self.editor != "balancedit":
+            raise ValueError(
+                f"key_variant {self.key_variant!r} sets its radius from positives and negatives: "
+                f"BalancEdit only (editor {self.editor!r} uses key_variant 'reference')"
+            )
+        return self
+
+    def key_parts(self) -> tuple[KeyPart, ...]:
+        """The parts of the routing key of this config (one part except for two-part keys)."""
+        if self.key_variant == "reference":
+            return (KeyPart(self.key_pooling, ("image",)),)
+        return KEY_VARIANTS[self.key_variant]
+
+    @property
+    def needs_text_negative(self) -> bool:
+        """True when some key part's radius is set by the item's training text negative."""
+        return any("text" in part.negatives for part in self.key_parts())
+
+    @property
+    def key_label(self) -> str:
+        """The key's name in reports (`Validation.key_variant`): the variant, and for the
+        reference variant with another pooling than mean_all, `reference/<pooling>`."""
+        if self.key_variant == "reference" and self.key_pooling != "mean_all":
+            return f"reference/{self.key_pooling}"
+        return self.key_variant
 
     @classmethod
     def for_model(cls, model: str, **overrides: Any) -> EditorConfig:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from editors.adapters.base import VLMAdapter
-from editors.base import Editor
+from editors.base import Editor, Radius
 from editors.codebook import Placement
 from editors.config import EditorConfig
 
@@ -28,11 +28,11 @@ class FineTune(Editor):
 
     def new_entry(
         self, keys: Tensor, x_edit: Tensor, last_prompt: int
-    ) -> tuple[Any, float, float | None, float | None]:
-        return None, math.inf, None, None
+    ) -> tuple[Any, tuple[Radius, ...]]:
+        return None, (Radius(math.inf),)
 
-    def place(self, key: Tensor, value: Any, epsilon: float, label: str) -> Placement:
-        return self.codebook.append(key, value, epsilon, label)
+    def place(self, key: Tensor, value: Any, radii: list[float], label: str) -> Placement:
+        return self.codebook.append(key, value, radii, label)
 
     def trainable(self, entry: int) -> list[Tensor]:
         params = list(self.base.parameters())

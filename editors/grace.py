@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from editors.base import Editor
+from editors.base import Editor, Radius
 
 
 class Grace(Editor):
@@ -23,10 +23,10 @@ class Grace(Editor):
 
     def new_entry(
         self, keys: Tensor, x_edit: Tensor, last_prompt: int
-    ) -> tuple[Any, float, float | None, float | None]:
+    ) -> tuple[Any, tuple[Radius, ...]]:
         with torch.no_grad():
             initial = self.base(x_edit[last_prompt]).float()
-        return nn.Parameter(initial.clone()), self.config.grace_epsilon, None, None
+        return nn.Parameter(initial.clone()), (Radius(self.config.grace_epsilon),)
 
     def trainable(self, entry: int) -> list[Tensor]:
         return [self.codebook.values[entry]]

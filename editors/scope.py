@@ -15,11 +15,18 @@ Verdict: "ok" when both hold, else "ambiguous" (if so) or "fail", with a reason 
 probes; "error" (with the cause) when the item cannot be validated. Training probes
 (`train_pos` from `rephrases_train[0]`, `train_neg` from the negative that sets the radius)
 are recorded too.
+
+Key variants whose radius also stays inside a text negative (issue 7) need a *training* text
+negative; OKEDIT records have no separate field for it, so one of `text_negatives` (the last,
+`EditorConfig.train_text_negative`) becomes the `train_text_neg` probe and is left out of the
+evaluated `text_negative` probes. For a multi-part key, `ProbeResult.distance` is the relative
+distance max_p d_p / ε_p (routed iff ≤ 1) and `Validation.epsilon` is 1.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -30,7 +37,8 @@ from torch import Tensor
 
 from editors.adapters.base import ImageLike, TargetEncodingError, VLMAdapter, to_pil
 from editors.balancedit import BalancEdit
-from editors.base import Editor, EditOutcome, EditRequest, Prompt
+from editors.base import Editor, EditOutcome, EditRequest, Prompt, Routed
+from editors.codebook import relative_distance
 from editors.config import EditorConfig
 from editors.ft import FineTune
 from editors.grace import Grace
@@ -41,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 EDITORS: dict[str, type[Editor]] = {"balancedit": BalancEdit, "grace": Grace, "ft": FineTune}
 POSITIVE_KINDS = ("edit", "rephrase", "image_rephrase")
+RADIUS_KINDS = ("edit", "train_pos", "train_neg", "train_text_neg")  # EditRequest.rows() order
 NEGATIVE_KINDS = ("locality", "text_negative")
 MAX_REASONS = 5
 
@@ -79,6 +88,19 @@ def negative_prompt(record: OkeditRecord, config: EditorConfig) -> Prompt:
     return Prompt(plain, record.question, record.target)
 
 
+def training_text_negative(record: OkeditRecord, config: EditorConfig) -> int | None:
+    """Index in `text_negatives` of the one that sets the text radius (None if not needed)."""
+    if not config.needs_text_negative:
+        return None
+    n = len(record.text_negatives)
+    if not -n <= config.train_text_negative < n:
+        raise ScopeInputError(
+            f"key variant {config.key_variant!r} needs a training text negative: "
+            f"text_negatives[{config.train_text_negative}] does not exist ({n} text negatives)"
+        )
+    return config.train_text_negative % n
+
+
 def build_probes(record: OkeditRecord, config: EditorConfig) -> list[Probe]:
     """Every probe of the item, positives first; raises ScopeInputError when one is missing."""
     if not record.target.strip():
@@ -90,6 +112,7 @@ def build_probes(record: OkeditRecord, config: EditorConfig) -> list[Probe]:
     if not record.rephrases_train:
         raise ScopeInputError("no training positive: rephrases_train is empty")
     image, question, target = record.image, record.question, record.target
+    held_out = training_text_negative(record, config)
     probes = [Probe("edit", 0, image, question, target, "positive", False)]
     probes += [
         Probe("rephrase", i, image, q, target, "positive", False)
@@ -106,20 +129,32 @@ def build_probes(record: OkeditRecord, config: EditorConfig) -> list[Probe]:
     probes += [
         Probe("text_negative", i, image, tn.question, tn.answer, "negative", False)
         for i, tn in enumerate(record.text_negatives)
+        if i != held_out
     ]
     negative = negative_prompt(record, config)
     probes.append(Probe("train_pos", 0, image, record.rephrases_train[0], target, "train", False))
     probes.append(
         Probe("train_neg", 0, negative.image, negative.question, negative.answer, "train", True)
     )
+    if held_out is not None:
+        tn = record.text_negatives[held_out]
+        probes.append(
+            Probe("train_text_neg", held_out, image, tn.question, tn.answer, "train", False)
+        )
     return probes
 
 
 def edit_request(record: OkeditRecord, config: EditorConfig) -> EditRequest:
+    held_out = training_text_negative(record, config)
+    text_negative = None
+    if held_out is not None:
+        tn = record.text_negatives[held_out]
+        text_negative = Prompt(record.image, tn.question, tn.answer)
     return EditRequest(
         edit=Prompt(record.image, record.question, record.target),
         positive=Prompt(record.image, record.rephrases_train[0], record.target),
         negative=negative_prompt(record, config),
+        text_negative=text_negative,
         label=record.target,
     )
 
@@ -128,8 +163,8 @@ def edit_request(record: OkeditRecord, config: EditorConfig) -> EditRequest:
 class _Run:
     pre: list[Tensor]  # per probe: clean target logits (m, V)
     post: list[Tensor]  # per probe: edited target logits
-    distance: Tensor  # (P,) d(probe key, edit key)
-    routed: Tensor  # (P,) bool
+    distance: Tensor  # (probes,) d(probe key, edit key); relative (d_p / ε_p) for multi-part
+    routed: Tensor  # (probes,) bool
     targets: list[Tensor]
     outcome: EditOutcome
 
@@ -150,27 +185,43 @@ def run_probes(editor: Editor, probes: list[Probe], request: EditRequest) -> _Ru
         capture = adapter.capture(batch, editor.path)
         pre = editor.clean_target_logits(batch, capture)
         kinds = [p.kind for p in probes]
-        used = ("edit", "train_pos", "train_neg") if editor.uses_radius_probes else ("edit",)
+        used = [k for k in RADIUS_KINDS if k in kinds] if editor.uses_radius_probes else ["edit"]
         rows = [kinds.index(kind) for kind in used]
         outcome = editor.edit_rows(batch, capture, rows, request.label or request.edit.answer)
         routed = editor.evaluate(batch, capture)
-        post, distances, entries = routed.target_logits, routed.distances, routed.entry
+        post, parts, entries = routed.target_logits, routed.parts, routed.entry
     else:
         singles = [adapter.select(batch, [b]) for b in range(batch.size)]
         pre = [editor.clean_target_logits(s)[0] for s in singles]
         outcome = editor.edit(request)
-        results = [editor.evaluate(s) for s in singles]
+        results: list[Routed] = [editor.evaluate(s) for s in singles]
         post = [r.target_logits[0] for r in results]
-        distances = torch.cat([r.distances for r in results])
+        parts = torch.cat([r.parts for r in results])
         entries = torch.cat([r.entry for r in results])
     return _Run(
         pre=pre,
         post=post,
-        distance=distances[:, outcome.entry],
+        distance=_reported_distance(parts[:, outcome.entry], outcome),
         routed=entries == outcome.entry,
         targets=targets,
         outcome=outcome,
     )
+
+
+def _reported_distance(parts: Tensor, outcome: EditOutcome) -> Tensor:
+    """d of a one-part key; max_p d_p / ε_p (routed iff ≤ 1) of a multi-part key."""
+    if parts.shape[-1] == 1:
+        return parts[:, 0]
+    return relative_distance(parts, [r.epsilon for r in outcome.radii])
+
+
+def _reported_epsilon(outcome: EditOutcome) -> float:
+    """ε of a one-part key (-1 when infinite: FT); 1 for the relative distance of a multi-part
+    key."""
+    if len(outcome.radii) > 1:
+        return 1.0
+    epsilon = outcome.radii[0].epsilon
+    return epsilon if epsilon != float("inf") else -1.0
 
 
 def probe_results(probes: list[Probe], run: _Run, config: EditorConfig) -> list[ProbeResult]:
@@ -229,7 +280,9 @@ def verdict(
 def _ambiguity(results: list[ProbeResult], negative: str) -> str:
     """'' or why a negative is closer to the key than some positive."""
     positive_kinds = (*POSITIVE_KINDS, "train_pos")
-    negative_kinds = (*NEGATIVE_KINDS, "train_neg") if negative == "near_miss" else NEGATIVE_KINDS
+    negative_kinds = (*NEGATIVE_KINDS, "train_text_neg")
+    if negative == "near_miss":
+        negative_kinds = (*negative_kinds, "train_neg")
     positives = [p for p in results if p.kind in positive_kinds]
     negatives = [p for p in results if p.kind in negative_kinds]
     if not positives or not negatives:
@@ -259,7 +312,7 @@ def validate_record(
     base = Validation(
         editor=config.editor,
         model=model_name,
-        key_variant=config.key_pooling,
+        key_variant=config.key_label,
         alpha=config.alpha if config.editor == "balancedit" else -1.0,
     )
     try:
@@ -269,7 +322,7 @@ def validate_record(
         kept = [
             exact_match(post, pre.argmax(-1)) for pre, post in zip(run.pre, run.post, strict=True)
         ]
-        epsilon = run.outcome.epsilon if run.outcome.epsilon != float("inf") else -1.0
+        epsilon = _reported_epsilon(run.outcome)
         name, reason, in_ok, out_ok = verdict(results, kept, epsilon, config.negative)
         return base.model_copy(
             update={
@@ -302,6 +355,8 @@ def validate_record(
 
 def _edit_config(editor: Editor, outcome: EditOutcome) -> str:
     losses = outcome.losses
+    radii = outcome.radii
+    one = radii[0] if len(radii) == 1 else None
     return editor.config.to_json(
         module=editor.path,
         path=outcome.path,
@@ -309,7 +364,9 @@ def _edit_config(editor: Editor, outcome: EditOutcome) -> str:
         steps_run=len(losses),
         first_loss=losses[0] if losses else None,
         last_loss=losses[-1] if losses else None,
-        d_pos=outcome.d_pos,
-        d_neg=outcome.d_neg,
+        d_pos=one.d_pos if one else [r.d_pos for r in radii],
+        d_neg=one.d_neg if one else [r.d_neg for r in radii],
+        radii=[r.epsilon if math.isfinite(r.epsilon) else None for r in radii],
+        key_parts=[part.pooling for part in editor.config.key_parts()],
         edit_seconds=outcome.seconds,
     )

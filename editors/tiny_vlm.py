@@ -113,6 +113,7 @@ def build_tiny_llava(
     text_layers: int = 2,
     text_heads: int = 4,
     text_mlp: int = 256,
+    vision_feature_layer: int = -1,
     seed: int = 0,
 ) -> LlavaForConditionalGeneration:
     """A randomly initialised LLaVA (CLIP vision tower + Llama LM), ~1.2 M parameters
@@ -145,7 +146,7 @@ def build_tiny_llava(
         text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
         image_seq_length=n_image_tokens,
-        vision_feature_layer=-1,  # only 2 vision layers: use the last, not the LLaVA -2
+        vision_feature_layer=vision_feature_layer,
         vision_feature_select_strategy="default",
     )
     torch.manual_seed(seed)

@@ -175,6 +175,7 @@ questions that it **should not** reach (locality). It follows BalancEdit (Guo et
 | image backend | `{manifest["config"]["images"]["backend"]}` |
 | validation model | `{validation.get("model", "-")}` |
 | editor | `{validation.get("editor", "-")}` |
+| key variant | `{validation.get("key_variant") or "-"}` |
 | seed | {manifest["config"]["seed"]} |
 | build fingerprint | `{manifest["fingerprint"]}` |
 | okedit | {manifest["versions"]["okedit"]} |

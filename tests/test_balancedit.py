@@ -70,8 +70,9 @@ def test_edit_reaches_target_and_leaves_far_input_unchanged(llava: VLMAdapter) -
     try:
         assert outcome.action == "add" and outcome.path == "fast"
         assert outcome.losses[-1] < outcome.losses[0]
-        assert outcome.epsilon == pytest.approx(
-            balanced_radius(outcome.d_pos, outcome.d_neg, 0.05, "positive")
+        (radius,) = outcome.radii
+        assert radius.epsilon == pytest.approx(
+            balanced_radius(radius.d_pos, radius.d_neg, 0.05, "positive")
         )
         with editor.applied(probes) as ctx, torch.no_grad():
             edited = llava.logits(probes)
@@ -82,7 +83,7 @@ def test_edit_reaches_target_and_leaves_far_input_unchanged(llava: VLMAdapter) -
         assert int(edited[0, n - 1].argmax()) == _target_id(llava, "lyon")
         assert int(clean[0, n - 1].argmax()) != _target_id(llava, "lyon")
         far = 3
-        assert float(distance[far]) > outcome.epsilon  # a different image and question
+        assert float(distance[far]) > radius.epsilon  # a different image and question
         assert ctx.route.tolist()[far] == -1
         assert torch.equal(edited[far], clean[far])  # the original module ran: bit-identical
     finally:
@@ -130,6 +131,7 @@ def _post(editor: Editor, adapter: VLMAdapter, fast: bool):
             [r.target_logits[0] for r in results],
             torch.cat([r.distances for r in results]),
             torch.cat([r.entry for r in results]),
+            torch.cat([r.parts for r in results]),
         )
     editor.restore()
     return pre, outcome, routed
@@ -159,7 +161,7 @@ def test_fast_and_slow_paths_agree(
         assert editor.fast == fast
         results[fast] = _post(editor, adapter, fast)
     (pre_f, out_f, post_f), (pre_s, out_s, post_s) = results[True], results[False]
-    assert out_f.epsilon == pytest.approx(out_s.epsilon, rel=1e-5)
+    assert out_f.radii[0].epsilon == pytest.approx(out_s.radii[0].epsilon, rel=1e-5)
     assert out_f.losses == pytest.approx(out_s.losses, rel=1e-4, abs=1e-5)
     assert post_f.entry.tolist() == post_s.entry.tolist()
     torch.testing.assert_close(post_f.distances, post_s.distances, rtol=1e-4, atol=1e-5)

@@ -40,7 +40,7 @@ def test_validate_record_fills_validation(adapter: VLMAdapter) -> None:
     validation = validate_record(record, make_editor(adapter, tiny_config()), "tiny")
     assert validation.verdict in {"ok", "fail", "ambiguous"}, validation.reason
     assert validation.editor == "balancedit" and validation.model == "tiny"
-    assert validation.key_variant == "mean_all" and validation.alpha == 0.05
+    assert validation.key_variant == "reference" and validation.alpha == 0.05
     assert validation.epsilon > 0 and validation.seconds > 0
     assert len(validation.probes) == N_PROBES
     kinds = [p.kind for p in validation.probes]

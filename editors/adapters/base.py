@@ -40,6 +40,7 @@ class Batch:
     labels: Tensor  # next-token target ids at target-predicting positions, IGNORE elsewhere
     prompt_mask: Tensor  # real prompt tokens (image placeholders included), bool
     image_mask: Tensor  # image placeholder tokens, bool
+    question_mask: Tensor  # the question's own tokens (no image, template words or target)
     pixel: dict[str, Tensor]  # image-processor output for the *unique* images of the batch
     image_index: list[int]  # row -> index into the unique images
     extra: dict[str, Tensor] = field(default_factory=dict)  # e.g. Qwen2-VL mm_token_type_ids
@@ -63,7 +64,8 @@ class Batch:
 
     def pool_mask(self, pooling: str) -> Tensor:
         """Positions a key is pooled over: all real tokens (`mean_all`, the reference: image,
-        question and appended target), the prompt only (`mean_prompt`) or its last token."""
+        question and appended target), the prompt only (`mean_prompt`), its last token, the
+        question's tokens (`question`) or the image placeholders (`image`)."""
         if pooling == "mean_all":
             return self.attention_mask.bool()
         if pooling == "mean_prompt":
@@ -71,8 +73,13 @@ class Batch:
         if pooling == "last_prompt":
             positions = torch.arange(self.input_ids.shape[1], device=self.input_ids.device)
             return positions.unsqueeze(0) == self.last_prompt.unsqueeze(1)
+        if pooling == "question":
+            return self.question_mask
+        if pooling == "image":
+            return self.image_mask
         raise ValueError(
-            f"unknown key pooling {pooling!r}; use mean_all, mean_prompt or last_prompt"
+            f"unknown key pooling {pooling!r}; use mean_all, mean_prompt, last_prompt, "
+            "question or image"
         )
 
     def to(self, device: torch.device) -> Batch:
@@ -83,6 +90,7 @@ class Batch:
             labels=self.labels.to(device),
             prompt_mask=self.prompt_mask.to(device),
             image_mask=self.image_mask.to(device),
+            question_mask=self.question_mask.to(device),
             pixel={k: v.to(device) for k, v in self.pixel.items()},
             extra={k: v.to(device) for k, v in self.extra.items()},
         )
@@ -314,6 +322,28 @@ class VLMAdapter:
             return placeholder + self._ids(before + after, True), before + after
         return self._ids(before, True) + placeholder + self._ids(after, False), after
 
+    def question_span(self, question: str, placeholder: list[int]) -> tuple[int, int]:
+        """[start, stop) of the question's own tokens in `prompt_ids(question, placeholder)`.
+
+        The question sits in the template text before or after the image; its span is the
+        token count of that text up to the question's start and end (its longest common
+        prefix with the whole text's ids, for tokenizers that merge across the boundary).
+        """
+        before, after = self.prompt_template.split("{image}", 1)
+        if self.image_before_bos:
+            text, offset, special = before + after, len(placeholder), True
+        elif "{question}" in before:
+            text, offset, special = before, 0, True
+        else:
+            text, special = after, False
+            offset = len(self._ids(before.replace("{question}", question), True))
+            offset += len(placeholder)
+        head, _, _ = text.partition("{question}")
+        full = self._ids(text.replace("{question}", question), special)
+        start = _common_prefix(self._ids(head, special), full)
+        stop = _common_prefix(self._ids(head + question, special), full)
+        return offset + start, offset + max(start, stop)
+
     def build_inputs(
         self,
         images: list[ImageLike],
@@ -329,20 +359,23 @@ class VLMAdapter:
         index = [unique.setdefault(_image_identity(im), len(unique)) for im in images]
         first = {i: im for im, i in zip(images, index, strict=True)}
         pixel = self.process_images([to_pil(first[i]) for i in range(len(unique))])
-        rows, labels, prompt_lengths = [], [], []
+        rows, labels, prompt_lengths, spans = [], [], [], []
         for row, question in enumerate(prompts):
-            ids, after = self.prompt_ids(question, self.image_placeholder(pixel, index[row]))
+            placeholder = self.image_placeholder(pixel, index[row])
+            ids, after = self.prompt_ids(question, placeholder)
             target_ids = self.encode_target(after, targets[row]) if targets is not None else []
             rows.append(ids + target_ids)
             prompt_lengths.append(len(ids))
+            spans.append(self.question_span(question, placeholder))
             labels.append([IGNORE] * (len(ids) - 1) + target_ids + [IGNORE])
-        return self._pad(rows, labels, prompt_lengths, pixel, index)
+        return self._pad(rows, labels, prompt_lengths, spans, pixel, index)
 
     def _pad(
         self,
         rows: list[list[int]],
         labels: list[list[int]],
         prompt_lengths: list[int],
+        spans: list[tuple[int, int]],
         pixel: dict[str, Tensor],
         index: list[int],
     ) -> Batch:
@@ -351,11 +384,13 @@ class VLMAdapter:
         label_t = torch.full((len(rows), width), IGNORE, dtype=torch.long)
         attention = torch.zeros((len(rows), width), dtype=torch.long)
         prompt_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+        question_mask = torch.zeros((len(rows), width), dtype=torch.bool)
         for b, (ids, lab, n) in enumerate(zip(rows, labels, prompt_lengths, strict=True)):
             input_ids[b, : len(ids)] = torch.tensor(ids)
             label_t[b, : len(lab)] = torch.tensor(lab)
             attention[b, : len(ids)] = 1
             prompt_mask[b, :n] = True
+            question_mask[b, slice(*spans[b])] = True
         image_mask = (input_ids == self.image_token_id) & attention.bool()
         batch = Batch(
             input_ids=input_ids,
@@ -363,6 +398,7 @@ class VLMAdapter:
             labels=label_t,
             prompt_mask=prompt_mask,
             image_mask=image_mask,
+            question_mask=question_mask & prompt_mask & ~image_mask,
             pixel=pixel,
             image_index=index,
             extra=self.extra_inputs(input_ids, attention),
@@ -484,6 +520,7 @@ class VLMAdapter:
             labels=labels,
             prompt_mask=batch.prompt_mask[idx, :width],
             image_mask=batch.image_mask[idx, :width] & attention.bool(),
+            question_mask=batch.question_mask[idx, :width] & attention.bool(),
             pixel=self.select_pixels(batch.pixel, unique),
             image_index=[remap[batch.image_index[r]] for r in rows],
             extra=self.extra_inputs(input_ids, attention),
@@ -491,6 +528,16 @@ class VLMAdapter:
 
     def select_pixels(self, pixel: dict[str, Tensor], unique: list[int]) -> dict[str, Tensor]:
         return self.expand_pixels(pixel, unique)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two id lists."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _record_shape(record: dict[str, Any]):
