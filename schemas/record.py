@@ -104,7 +104,9 @@ class EditMetrics(_Model):
 class ProbeResult(_Model):
     """One probe of the scope check: where its key falls and what the model answers."""
 
-    kind: str  # edit | rephrase | image_rephrase | locality | text_negative | train_pos | train_neg | train_text_neg
+    # edit | rephrase | image_rephrase | locality | text_negative (evaluated);
+    # train_pos | train_neg | train_text_neg (set the radius)
+    kind: str
     index: int
     distance: float  # d(key, probe key)
     routed: bool  # d <= epsilon
