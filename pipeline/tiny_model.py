@@ -43,6 +43,7 @@ from pipeline.sources import flagworld as fw
 METRICS_FILE = "metrics.json"
 EVAL_SEED = 12345  # fresh renders: never the training pool's stream (seeds 0..999)
 IMAGE_SIZE = 64
+TARGETS = {"train_templates": 0.95, "heldout_templates": 0.90}  # issue 3, part 4
 
 
 def default_model_dir() -> Path:
@@ -52,16 +53,22 @@ def default_model_dir() -> Path:
 
 @dataclass(frozen=True)
 class TinyVLMRecipe:
-    """Hyper-parameters of `train_flagworld_vlm` (all recorded in metrics.json)."""
+    """Hyper-parameters of `train_flagworld_vlm` (all recorded in metrics.json).
+
+    Measured here (seed 0, fresh renders): lr 1.5e-3 (the design's prototype value) stalls
+    this model at ~0.6 after 2000 steps; 7e-4, 5e-4 and 3e-4 reached 0.48, 0.53 and 0.66
+    after 800 steps, so lower is better for it. lr 3e-4 with 2000 steps and a 128-image
+    pool gave 0.93; 3000 steps and a 256-image pool gave 0.98 (5e-4: 0.97)."""
 
     seed: int = 0
-    steps: int = 2000
-    budget_s: float | None = 330.0  # safety net only; `steps` defines the run
-    lr: float = 1.5e-3
+    steps: int = 3000
+    budget_s: float | None = None  # optional safety net; `steps` defines the run
+    lr: float = 3e-4
     weight_decay: float = 0.01
     batch_size: int = 64
-    pool_per_flag: int = 128  # augmented renders per flag (+ the canonical one)
+    pool_per_flag: int = 256  # augmented renders per flag (+ the canonical one)
     train_eos: bool = True
+    num_threads: int | None = None  # torch threads; None keeps torch's default
     model: dict[str, int] = field(default_factory=dict)  # build_tiny_llava overrides
 
 
@@ -164,22 +171,25 @@ def build_flagworld_tokenizer_and_processor() -> LlavaProcessor:
 def train_flagworld_vlm(
     out_dir: str | Path | None = None,
     seed: int = 0,
-    budget_s: float | None = 330.0,
+    budget_s: float | None = None,
     *,
     steps: int = TinyVLMRecipe.steps,
     lr: float = TinyVLMRecipe.lr,
     batch_size: int = TinyVLMRecipe.batch_size,
     pool_per_flag: int = TinyVLMRecipe.pool_per_flag,
+    num_threads: int | None = None,
     evaluate: bool = True,
     eval_renders_per_flag: int = 8,
     log: Callable[[str], None] = print,
-    log_every: int = 100,
+    log_every: int = 250,
 ) -> dict[str, Any]:
     """Train the tiny flagworld VLM, evaluate it on fresh renders, save it (model,
     processor, okedit.json, metrics.json) to `out_dir` (default: `default_model_dir()`).
 
-    Returns the metrics. Deterministic for a seed on a given machine and thread count;
-    `budget_s` is only a safety net (metrics say `stopped_by_budget` if it fired)."""
+    Returns the metrics. `steps` defines the run, so a seed gives the same weights on the
+    same machine and thread count. A clock budget would not: on this shared 2-core machine
+    a step took 0.09-0.55 s depending on load. `budget_s` is therefore only a safety net
+    that stops early (cutting the cosine schedule); metrics then say `stopped_by_budget`."""
     recipe = TinyVLMRecipe(
         seed=seed,
         steps=steps,
@@ -187,9 +197,12 @@ def train_flagworld_vlm(
         lr=lr,
         batch_size=batch_size,
         pool_per_flag=pool_per_flag,
+        num_threads=num_threads,
     )
     wall = time.perf_counter()
     model, processor, info = _train(recipe, log=log, log_every=log_every)
+    if info["stopped_by_budget"]:
+        log(f"warning: budget {budget_s}s hit after {info['steps']}/{steps} steps")
     metrics: dict[str, Any] = {
         "recipe": asdict(recipe),
         "seed": seed,
@@ -202,6 +215,12 @@ def train_flagworld_vlm(
             model, processor, seed=EVAL_SEED, renders_per_flag=eval_renders_per_flag
         )
         metrics["eval_seconds"] = round(time.perf_counter() - t, 2)
+        metrics["targets"] = TARGETS
+        metrics["meets_targets"] = all(metrics["eval"][k] >= v for k, v in TARGETS.items())
+        log(
+            "fresh renders: train templates {train_templates}, held-out {heldout_templates}, "
+            "paraphrases {paraphrase_templates}".format(**metrics["eval"])
+        )
     metrics["total_seconds"] = round(time.perf_counter() - wall, 2)
     metrics["versions"] = {
         "torch": torch.__version__,
@@ -218,7 +237,11 @@ def train_flagworld_vlm(
         max_new_tokens=1,
         eos_after_answer=recipe.train_eos,
         relations=list(fw.RELATIONS),
-        reproduce=f"okedit tiny-model train --seed {seed} --steps {steps}",
+        templates_version=getattr(fw, "TEMPLATES_VERSION", None),
+        reproduce=(
+            f"python -c 'from pipeline.tiny_model import train_flagworld_vlm; "
+            f"train_flagworld_vlm(seed={seed}, steps={steps})'"
+        ),
     )
     save_tiny_vlm(model, processor, out, meta)
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
@@ -228,6 +251,8 @@ def train_flagworld_vlm(
 def _train(
     recipe: TinyVLMRecipe, log: Callable[[str], None], log_every: int
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor, dict[str, Any]]:
+    if recipe.num_threads:
+        torch.set_num_threads(recipe.num_threads)
     t = time.perf_counter()
     processor = build_flagworld_tokenizer_and_processor()
     tok = processor.tokenizer
@@ -256,7 +281,7 @@ def _train(
         rel = torch.randint(n_rel, (b,), generator=gen).tolist()
         tmpl = torch.randint(1 << 30, (b,), generator=gen).tolist()
         probes = []
-        for f, i, r, q in zip(flag, img, rel, tmpl):
+        for f, i, r, q in zip(flag, img, rel, tmpl, strict=True):
             options = prompts[fw.RELATIONS[r]]
             probes.append(_Probe(f * per_flag + i, options[q % len(options)], answers[f][r]))
         return _batch(probes, pixels, tok.pad_token_id, eos)[0]
@@ -313,30 +338,35 @@ def evaluate_model(
     if isinstance(paraphrases, dict) and paraphrases:
         sets["paraphrase"] = paraphrases
 
-    def probes_for(templates: dict[str, Sequence[str]], per_flag: int) -> list[tuple]:
+    def probes_for(
+        templates: dict[str, Sequence[str]], stride: int, use: int
+    ) -> list[tuple[str, str, _Probe]]:
         rows = []
         for f, code in enumerate(codes):
             for rel in fw.RELATIONS:
                 answer = _answer_id(processor, fw.answer(code, rel))
                 for q in templates.get(rel, ()):
                     prompt = _prompt_ids(processor, q, DEFAULT_PROMPT_TEMPLATE)
-                    for i in range(per_flag):
-                        rows.append((code, rel, _Probe(f * per_flag + i, prompt, answer)))
+                    for i in range(use):
+                        rows.append((code, rel, _Probe(f * stride + i, prompt, answer)))
         return rows
 
     result: dict[str, Any] = {"eval_seed": seed, "renders_per_flag": renders_per_flag}
     by_code_rel: dict[tuple[str, str], list[bool]] = {}
     country_pred: dict[str, list[int]] = {}
     for name, templates in sets.items():
-        for label, pixels, per_flag in (("", fresh, renders_per_flag), ("canonical_", canon, 1)):
-            rows = probes_for(templates, per_flag)
-            pred = _predict(model, [r[2] for r in rows], pixels, tok.pad_token_id)
-            ok = [int(p) == r[2].answer for p, r in zip(pred.tolist(), rows)]
+        # 16 paraphrase templates: 2 renders per flag are plenty (and 4x cheaper).
+        use = min(2, renders_per_flag) if name == "paraphrase" else renders_per_flag
+        views = (("", fresh, renders_per_flag, use), ("canonical_", canon, 1, 1))
+        for label, pixels, stride, n in views:
+            rows = probes_for(templates, stride, n)
+            pred = _predict(model, [r[2] for r in rows], pixels, tok.pad_token_id).tolist()
+            ok = [int(p) == r[2].answer for p, r in zip(pred, rows, strict=True)]
             result[f"{label}{name}_templates"] = round(sum(ok) / max(1, len(ok)), 4)
             result[f"{label}{name}_probes"] = len(ok)
             if label or name == "paraphrase":
                 continue
-            for (code, rel, _), good, p in zip(rows, ok, pred.tolist()):
+            for (code, rel, _), good, p in zip(rows, ok, pred, strict=True):
                 by_code_rel.setdefault((code, rel), []).append(good)
                 if rel == "country":
                     country_pred.setdefault(code, []).append(p)
@@ -383,5 +413,5 @@ def teacher_forced_accuracy(
         _Probe(i, _prompt_ids(processor, q, DEFAULT_PROMPT_TEMPLATE), _answer_id(processor, a))
         for i, (_, q, a) in enumerate(probes)
     ]
-    pred = _predict(model, rows, pixels, tok.pad_token_id)
-    return sum(int(p) == r.answer for p, r in zip(pred.tolist(), rows)) / max(1, len(rows))
+    pred = _predict(model, rows, pixels, tok.pad_token_id).tolist()
+    return sum(int(p) == r.answer for p, r in zip(pred, rows, strict=True)) / max(1, len(rows))

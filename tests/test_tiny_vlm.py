@@ -45,12 +45,16 @@ def test_tokenizer_words_and_specials():
     assert tok.unk_token_id not in ids
     assert tok.convert_tokens_to_ids(IMAGE) != tok.unk_token_id
     assert tok("Lyon", add_special_tokens=False).input_ids == [tok.unk_token_id]
-    assert tok.decode(ids, skip_special_tokens=True) == "what is the capital of this flag? Mexico_City"
+    assert (
+        tok.decode(ids, skip_special_tokens=True) == "what is the capital of this flag? Mexico_City"
+    )
 
 
 def test_processor_gives_16_image_tokens(tiny):
     model, proc = tiny
-    batch = proc(images=[_red()], text=[f"{IMAGE} what is the capital of this flag?"], return_tensors="pt")
+    batch = proc(
+        images=[_red()], text=[f"{IMAGE} what is the capital of this flag?"], return_tensors="pt"
+    )
     image_id = proc.tokenizer.convert_tokens_to_ids(IMAGE)
     assert int((batch["input_ids"] == image_id).sum()) == 16
     assert tuple(batch["pixel_values"].shape) == (1, 3, 64, 64)
@@ -86,24 +90,35 @@ def test_load_missing_model_says_what_to_do(tmp_path):
 
 def test_shipped_model_answers_fresh_renders():
     from pipeline.sources import flagworld as fw
-    from pipeline.tiny_model import default_model_dir, teacher_forced_accuracy
+    from pipeline.tiny_model import default_model_dir
 
     model_dir = default_model_dir()
     assert (model_dir / "model.safetensors").is_file(), "run `okedit tiny-model train`"
     model, proc, meta = load_tiny_vlm(model_dir)
-    assert meta["prompt_template"] == "<image> {question}"
+    assert meta["family"] == "llava" and meta["prompt_template"] == "<image> {question}"
     metrics = json.loads((model_dir / "metrics.json").read_text())
     assert metrics["eval"]["train_templates"] >= 0.95
     assert metrics["eval"]["heldout_templates"] >= 0.90
 
-    rng = random.Random(987654)  # a stream the training pool never used
-    probes = []
+    # 40 probes on renders from a stream the training pool never used, through the
+    # standard LLaVA path: processor(prompt + " " + answer), argmax before the answer.
+    rng = random.Random(987654)
+    images, texts, answers = [], [], []
     for _ in range(40):
         code = rng.choice(fw.COUNTRIES).code
         rel = rng.choice(fw.RELATIONS)
         question = rng.choice(fw.TRAIN_TEMPLATES[rel] + fw.HELDOUT_TEMPLATES[rel])
-        probes.append((fw.render_variant(code, rng), question, fw.answer(code, rel)))
-    assert teacher_forced_accuracy(model, proc, probes) >= 0.8
+        answer = fw.answer(code, rel)
+        images.append(fw.render_variant(code, rng))
+        texts.append(meta["prompt_template"].format(question=question) + " " + answer)
+        answers.append(proc.tokenizer.convert_tokens_to_ids(answer))
+    batch = proc(images=images, text=texts, padding=True, return_tensors="pt")
+    last = batch["attention_mask"].sum(1) - 1  # right padding: the answer is the last token
+    assert batch["input_ids"][torch.arange(40), last].tolist() == answers
+    with torch.no_grad():
+        logits = model(**batch).logits
+    pred = logits[torch.arange(40), last - 1].argmax(-1)
+    assert (pred == torch.tensor(answers)).float().mean().item() >= 0.8
 
 
 def test_training_recipe_is_deterministic(tmp_path):
@@ -111,7 +126,12 @@ def test_training_recipe_is_deterministic(tmp_path):
 
     def run(name):
         train_flagworld_vlm(
-            tmp_path / name, seed=3, steps=5, pool_per_flag=2, batch_size=8, evaluate=False,
+            tmp_path / name,
+            seed=3,
+            steps=5,
+            pool_per_flag=2,
+            batch_size=8,
+            evaluate=False,
             log=lambda _msg: None,
         )
         model, _, _ = load_tiny_vlm(tmp_path / name)
