@@ -145,7 +145,8 @@ def summarize(
     out["ok"] = mean(v.verdict == "ok" for _, _, v in results)
     out["ambiguous"] = mean(v.verdict == "ambiguous" for _, _, v in results)
     out["errors"] = sum(v.verdict == "error" for _, _, v in results)
-    out["epsilon"] = mean(v.epsilon for _, _, v in results if v.epsilon >= 0)
+    radii = [v.epsilon for _, _, v in results if v.epsilon >= 0]
+    out["epsilon"] = mean(radii) if radii else float("nan")  # FT has no radius
     return out
 
 
