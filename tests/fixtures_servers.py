@@ -457,6 +457,8 @@ def _make_llm_handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:  # noqa: N802
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length)
+            if len(raw) < length or not raw:
+                return  # the client died mid-request (kill tests): nothing arrived to answer
             if self.path.endswith("/chat/completions"):
                 body = json.loads(raw or b"{}")
                 index = server.record(body, self.headers.get("Authorization", ""))
