@@ -271,12 +271,19 @@ def serve(
 def tiny_train(
     out: Annotated[Optional[Path], typer.Option(help="where to save")] = None,  # noqa: UP045
     seed: Annotated[int, typer.Option()] = 0,
-    budget_s: Annotated[float, typer.Option(help="training time budget, seconds")] = 300.0,
+    steps: Annotated[Optional[int], typer.Option(help="training steps")] = None,  # noqa: UP045
+    budget_s: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(help="stop early after this many seconds (safety net)"),
+    ] = None,
 ) -> None:
-    """Train the tiny flagworld VLM (CPU, a few minutes) and report its accuracy."""
+    """Train the tiny flagworld VLM (CPU, about 6 minutes) and report its accuracy."""
     from pipeline.tiny_model import default_model_dir, train_flagworld_vlm
 
-    metrics = train_flagworld_vlm(out or default_model_dir(), seed=seed, budget_s=budget_s)
+    options = {"steps": steps} if steps else {}
+    metrics = train_flagworld_vlm(
+        out or default_model_dir(), seed=seed, budget_s=budget_s, **options
+    )
     console.print_json(data=metrics)
 
 
