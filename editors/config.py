@@ -128,6 +128,15 @@ class EditorConfig(BaseModel):
     top_k_text: int = Field(default=1, ge=1)  # agreement on text probes (EasyEdit: top-1)
     top_k_image: int = Field(default=10, ge=1)  # agreement on image probes (EasyEdit: top-10)
     hm_locality: Literal["agreement", "label"] = "agreement"  # which Loc enters HM
+    # `ambiguous` compares a negative with the positives of its own probe family (image:
+    # image rephrases vs near-miss images; text: rephrases vs text negatives). "all" compares
+    # across families too: with an image-dominated key (the reference), other questions about
+    # the edit image always sit nearer than a re-rendered image, so every item is ambiguous.
+    ambiguity: Literal["family", "all"] = "family"
+    # Greedy answers of every probe before and after the edit, scored by VQA exact match.
+    # Costs one generate() per probe and side; off for pure timing runs.
+    generate_answers: bool = True
+    max_new_tokens: int = Field(default=8, ge=1)
     preset: str = "default"  # the EDIT_PRESETS entry the edit strength came from
     seed: int = 0
 

@@ -99,6 +99,13 @@ def item_metrics(probes: Sequence[ProbeResult], hm_locality: str = "agreement") 
     def agree(kind: str) -> float:
         return mean_or_missing(p.agreement for p in probes if p.kind == kind and p.agreement >= 0)
 
+    def generated(kind: str) -> float:
+        return mean_or_missing(
+            p.post_generation_match
+            for p in probes
+            if p.kind == kind and p.post_generation_match >= 0
+        )
+
     metrics = EditMetrics(
         reliability=post("edit"),
         text_generality=post("rephrase"),
@@ -107,6 +114,11 @@ def item_metrics(probes: Sequence[ProbeResult], hm_locality: str = "agreement") 
         locality_agreement=agree("locality"),
         text_locality_label=post("text_negative"),
         text_locality_agreement=agree("text_negative"),
+        gen_reliability=generated("edit"),
+        gen_text_generality=generated("rephrase"),
+        gen_image_generality=generated("image_rephrase"),
+        gen_locality=generated("locality"),
+        gen_text_locality=generated("text_negative"),
     )
     locality = metrics.locality_agreement if hm_locality == "agreement" else metrics.locality_label
     metrics.hm = harmonic_mean([metrics.text_generality, metrics.image_generality, locality])

@@ -8,8 +8,12 @@ edited model, and its key's distance to the edit key and its routing are recorde
 * negatives — each near-miss locality image (same question, expected answer C) and each text
   negative (same image, another fact): must route away or keep their answer (top-1 unchanged
   at every answer position) -> `out_of_scope_ok`;
-* `ambiguous` — a negative is closer to the key than some positive (usually a bad generated
-  image or a paraphrase that changed the meaning).
+* `ambiguous` — a negative is closer to the key than some positive of its family (usually a
+  bad generated image or a paraphrase that changed the meaning): near-miss images are
+  compared with the image rephrases, text negatives with the rephrases. Comparing across
+  families (`EditorConfig.ambiguity="all"`) flags every flagworld item under the reference
+  key, whose mean over all positions is dominated by the image: another question about the
+  edit image sits nearer than a re-rendered flag (design §9).
 
 Verdict: "ok" when both hold, else "ambiguous" (if so) or "fail", with a reason naming the
 probes; "error" (with the cause) when the item cannot be validated. Training probes
@@ -35,14 +39,20 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from editors.adapters.base import ImageLike, TargetEncodingError, VLMAdapter, to_pil
+from editors.adapters.base import Batch, ImageLike, TargetEncodingError, VLMAdapter, to_pil
 from editors.balancedit import BalancEdit
 from editors.base import Editor, EditOutcome, EditRequest, Prompt, Routed
 from editors.codebook import relative_distance
 from editors.config import EditorConfig
 from editors.ft import FineTune
 from editors.grace import Grace
-from editors.metrics import exact_match, item_metrics, token_accuracy, topk_agreement
+from editors.metrics import (
+    exact_match,
+    generation_exact_match,
+    item_metrics,
+    token_accuracy,
+    topk_agreement,
+)
 from schemas.record import OkeditRecord, ProbeResult, Validation
 
 logger = logging.getLogger(__name__)
@@ -167,6 +177,19 @@ class _Run:
     routed: Tensor  # (probes,) bool
     targets: list[Tensor]
     outcome: EditOutcome
+    pre_answers: list[str] | None = None  # greedy answers, clean model
+    post_answers: list[str] | None = None  # ... edited model
+
+
+def generated_answers(editor: Editor, batch: Batch, edited: bool) -> list[str] | None:
+    """Greedy answers to every probe's prompt (None when `generate_answers` is off). The clean
+    side runs the adapter without the wrapper, so earlier sequential edits do not leak in."""
+    config = editor.config
+    if not config.generate_answers:
+        return None
+    if edited:
+        return editor.generate(batch, config.max_new_tokens)
+    return editor.adapter.generate(batch, config.max_new_tokens)
 
 
 def run_probes(editor: Editor, probes: list[Probe], request: EditRequest) -> _Run:
@@ -181,6 +204,7 @@ def run_probes(editor: Editor, probes: list[Probe], request: EditRequest) -> _Ru
         [p.image for p in probes], [p.question for p in probes], [p.expected for p in probes]
     )
     targets = [batch.labels[b][batch.target_mask[b]] for b in range(batch.size)]
+    pre_answers = generated_answers(editor, batch, edited=False)
     if editor.fast:
         capture = adapter.capture(batch, editor.path)
         pre = editor.clean_target_logits(batch, capture)
@@ -205,6 +229,8 @@ def run_probes(editor: Editor, probes: list[Probe], request: EditRequest) -> _Ru
         routed=entries == outcome.entry,
         targets=targets,
         outcome=outcome,
+        pre_answers=pre_answers,
+        post_answers=generated_answers(editor, batch, edited=True),
     )
 
 
@@ -239,9 +265,22 @@ def probe_results(probes: list[Probe], run: _Run, config: EditorConfig) -> list[
                 pre_accuracy=token_accuracy(pre, target),
                 post_accuracy=token_accuracy(post, target),
                 agreement=topk_agreement(pre, post, k) if probe.role != "positive" else -1.0,
+                **_generation_fields(run, i, probe.expected),
             )
         )
     return results
+
+
+def _generation_fields(run: _Run, i: int, expected: str) -> dict[str, str | float]:
+    if run.pre_answers is None or run.post_answers is None:
+        return {}
+    pre, post = run.pre_answers[i], run.post_answers[i]
+    return {
+        "pre_answer": pre,
+        "post_answer": post,
+        "pre_generation_match": generation_exact_match(pre, expected),
+        "post_generation_match": generation_exact_match(post, expected),
+    }
 
 
 def _name(p: ProbeResult) -> str:
@@ -249,7 +288,11 @@ def _name(p: ProbeResult) -> str:
 
 
 def verdict(
-    results: list[ProbeResult], kept: list[bool], epsilon: float, negative: str
+    results: list[ProbeResult],
+    kept: list[bool],
+    epsilon: float,
+    negative: str,
+    ambiguity_scope: str = "family",
 ) -> tuple[str, str, bool, bool]:
     """(verdict, reason, in_scope_ok, out_of_scope_ok) from the probe results.
 
@@ -268,7 +311,7 @@ def verdict(
             out_problems.append(f"{_name(p)} routed (d={p.distance:.4g}) and its answer changed")
     in_ok, out_ok = not in_problems, not out_problems
     problems = in_problems + out_problems
-    ambiguity = _ambiguity(results, negative)
+    ambiguity = _ambiguity(results, negative, ambiguity_scope)
     if in_ok and out_ok:
         return "ok", f"note: {ambiguity}" if ambiguity else "", True, True
     listed = "; ".join(problems[:MAX_REASONS]) + ("; ..." if len(problems) > MAX_REASONS else "")
@@ -277,24 +320,44 @@ def verdict(
     return "fail", listed, in_ok, out_ok
 
 
-def _ambiguity(results: list[ProbeResult], negative: str) -> str:
-    """'' or why a negative is closer to the key than some positive."""
-    positive_kinds = (*POSITIVE_KINDS, "train_pos")
-    negative_kinds = (*NEGATIVE_KINDS, "train_text_neg")
-    if negative == "near_miss":
-        negative_kinds = (*negative_kinds, "train_neg")
-    positives = [p for p in results if p.kind in positive_kinds]
-    negatives = [p for p in results if p.kind in negative_kinds]
-    if not positives or not negatives:
-        return ""
-    farthest = max(positives, key=lambda p: p.distance)
-    closest = min(negatives, key=lambda p: p.distance)
-    if closest.distance >= farthest.distance:
-        return ""
-    return (
-        f"negative {_name(closest)} (d={closest.distance:.4g}) is closer to the key than "
-        f"positive {_name(farthest)} (d={farthest.distance:.4g})"
-    )
+# Probe families for `ambiguous` (config.ambiguity == "family"): each negative is compared
+# with the positives that differ from the edit in the same way.
+AMBIGUITY_FAMILIES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    # same question, another image: image rephrases vs near-miss images
+    "image": (("image_rephrase",), ("locality", "train_neg")),
+    # same image, another question: rephrases vs text negatives
+    "text": (("rephrase", "train_pos"), ("text_negative", "train_text_neg")),
+}
+
+
+def _ambiguity(results: list[ProbeResult], negative: str, scope: str = "family") -> str:
+    """'' or why a negative is closer to the key than some positive (of its family, or of
+    any family when `scope` is "all"). The black/white training image is no near miss."""
+    excluded = () if negative == "near_miss" else ("train_neg",)
+    if scope == "all":
+        families = {
+            "all": (
+                tuple(k for fam in AMBIGUITY_FAMILIES.values() for k in fam[0]),
+                tuple(k for fam in AMBIGUITY_FAMILIES.values() for k in fam[1]),
+            )
+        }
+    else:
+        families = AMBIGUITY_FAMILIES
+    found = []
+    for family, (positive_kinds, negative_kinds) in families.items():
+        positives = [p for p in results if p.kind in positive_kinds]
+        negatives = [p for p in results if p.kind in negative_kinds and p.kind not in excluded]
+        if not positives or not negatives:
+            continue
+        farthest = max(positives, key=lambda p: p.distance)
+        closest = min(negatives, key=lambda p: p.distance)
+        if closest.distance < farthest.distance:
+            label = "" if scope == "all" else f"{family}: "
+            found.append(
+                f"{label}negative {_name(closest)} (d={closest.distance:.4g}) is closer to the "
+                f"key than positive {_name(farthest)} (d={farthest.distance:.4g})"
+            )
+    return "; ".join(found)
 
 
 def validate_record(
@@ -323,7 +386,9 @@ def validate_record(
             exact_match(post, pre.argmax(-1)) for pre, post in zip(run.pre, run.post, strict=True)
         ]
         epsilon = _reported_epsilon(run.outcome)
-        name, reason, in_ok, out_ok = verdict(results, kept, epsilon, config.negative)
+        name, reason, in_ok, out_ok = verdict(
+            results, kept, epsilon, config.negative, config.ambiguity
+        )
         return base.model_copy(
             update={
                 "verdict": name,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import polars as pl
 
-from schemas.features import stats_frame
+from schemas.features import GENERATION_METRICS, stats_frame
 from schemas.record import OkeditRecord, Rejection
 
 POSITIVE_KINDS = ("edit", "rephrase", "image_rephrase")
@@ -74,11 +74,23 @@ def validation_table(records: list[OkeditRecord]) -> str:
     ]
     measured = frame.filter(pl.col("reliability") >= 0)
     means = measured.select([pl.col(c).mean().alias(c) for c in metric_cols])
-    return (
+    generated = frame.filter(pl.col("gen_reliability") >= 0)
+    gen_means = generated.select(
+        [pl.col(c).mean().alias(c.removeprefix("gen_")) for c in GENERATION_METRICS]
+    )
+    text = (
         _markdown_table(verdicts)
-        + "\n\nMean metrics over measured items:\n\n"
+        + "\n\nMean metrics over measured items (teacher-forced target accuracy; "
+        + "locality: the expected answer kept):\n\n"
         + (_markdown_table(means) if len(measured) else "(none measured)")
     )
+    if len(generated):
+        text += (
+            "\n\nGeneration exact match (greedy answers of the edited model, "
+            + "VQA-normalised):\n\n"
+            + _markdown_table(gen_means)
+        )
+    return text
 
 
 def plot_scope(records: list[OkeditRecord], path: Path) -> Path | None:

@@ -105,6 +105,21 @@ def _print_summary(summary: dict) -> None:
         console.print(f"plot:    {paths['plot']}")
 
 
+EDITOR_HELP = "balancedit | grace | ft"
+KEY_HELP = "routing key: last_prompt (default) | reference (the paper's) | question | two_part"
+ALPHA_HELP = "BalancEdit's α: weight of d(k, k_pos) in the radius"
+
+
+def editor_overrides(editor: str, key_variant: str | None, alpha: float | None) -> dict:
+    """EditorConfig fields set on the command line (checked when the config is built)."""
+    overrides: dict = {} if editor == "balancedit" else {"editor": editor}
+    if key_variant is not None:
+        overrides["key_variant"] = key_variant
+    if alpha is not None:
+        overrides["alpha"] = alpha
+    return overrides
+
+
 @app.command()
 def build(
     source: Annotated[str, typer.Option(help="flagworld | okvqa-hub | okvqa-files")] = "flagworld",
@@ -122,6 +137,9 @@ def build(
         typer.Option(help="VLM to validate with (Hub id or path; default: tiny flagworld VLM)"),
     ] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    editor: Annotated[str, typer.Option(help=EDITOR_HELP)] = "balancedit",
+    key_variant: Annotated[Optional[str], typer.Option(help=KEY_HELP)] = None,  # noqa: UP045
+    alpha: Annotated[Optional[float], typer.Option(help=ALPHA_HELP)] = None,  # noqa: UP045
     filter_scope: Annotated[
         bool, typer.Option("--filter-scope", help="drop items whose scope is ambiguous")
     ] = False,
@@ -163,7 +181,12 @@ def build(
     ] = None,
 ) -> None:
     """Build OKEDIT: gather, annotate, images, QC, BalancEdit validation, local publish."""
-    validation: dict = {"enabled": validate, "device": device, "filter_scope": filter_scope}
+    validation: dict = {
+        "enabled": validate,
+        "device": device,
+        "filter_scope": filter_scope,
+        "editor": editor_overrides(editor, key_variant, alpha),
+    }
     if model:
         validation["model"] = model
     if limit is not None and limit < 1:
@@ -211,14 +234,18 @@ def validate_cmd(
     dataset: Annotated[Path, typer.Argument(help="a published okedit folder (with data/)")],
     model: Annotated[Optional[str], typer.Option(help="VLM (Hub id or path)")] = None,  # noqa: UP045
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    editor: Annotated[str, typer.Option(help=EDITOR_HELP)] = "balancedit",
+    key_variant: Annotated[Optional[str], typer.Option(help=KEY_HELP)] = None,  # noqa: UP045
+    alpha: Annotated[Optional[float], typer.Option(help=ALPHA_HELP)] = None,  # noqa: UP045
     filter_scope: Annotated[bool, typer.Option("--filter-scope")] = False,
     out: Annotated[Optional[Path], typer.Option(help="write here (default: in place)")] = None,  # noqa: UP045
 ) -> None:
     """Re-validate an existing dataset folder with BalancEdit and refresh its card."""
     from pipeline.revalidate import revalidate_folder
 
+    overrides = editor_overrides(editor, key_variant, alpha)
     try:
-        summary = revalidate_folder(dataset, out or dataset, model, device, filter_scope)
+        summary = revalidate_folder(dataset, out or dataset, model, device, filter_scope, overrides)
     except (FileNotFoundError, ValueError) as exc:
         _fail(_friendly(exc))
     _print_summary(summary)

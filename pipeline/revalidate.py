@@ -36,12 +36,19 @@ def read_folder(folder: Path) -> tuple[list[OkeditRecord], list[Rejection], dict
 
 
 def revalidate_folder(
-    folder: Path, out: Path, model: str | None, device: str, filter_scope: bool
+    folder: Path,
+    out: Path,
+    model: str | None,
+    device: str,
+    filter_scope: bool,
+    editor: dict | None = None,
 ) -> dict:
     from pipeline.validate import validate_records
 
     records, rejected, manifest = read_folder(folder)
-    settings = ValidateSettings(device=device, **({"model": model} if model else {}))
+    settings = ValidateSettings(
+        device=device, editor=editor or {}, **({"model": model} if model else {})
+    )
     records = validate_records(records, settings.editor_settings(), settings.model_settings())
     records, dropped = scope_filter(records, filter_scope)
     rejected += dropped

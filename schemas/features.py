@@ -28,6 +28,14 @@ _PROVENANCE = {
     "completion_tokens": Value("int64"),
 }
 
+GENERATION_METRICS = (
+    "gen_reliability",
+    "gen_text_generality",
+    "gen_image_generality",
+    "gen_locality",
+    "gen_text_locality",
+)
+
 _METRICS = {
     name: Value("float64")
     for name in (
@@ -39,6 +47,7 @@ _METRICS = {
         "text_locality_label",
         "text_locality_agreement",
         "hm",
+        *GENERATION_METRICS,
     )
 }
 
@@ -51,6 +60,10 @@ _PROBE = {
     "pre_accuracy": Value("float64"),
     "post_accuracy": Value("float64"),
     "agreement": Value("float64"),
+    "pre_answer": Value("string"),
+    "post_answer": Value("string"),
+    "pre_generation_match": Value("float64"),
+    "post_generation_match": Value("float64"),
 }
 
 _VALIDATION = {
@@ -161,6 +174,7 @@ POLARS_STATS_SCHEMA = pl.Schema(
         "locality_label": pl.Float64,
         "text_locality_label": pl.Float64,
         "hm": pl.Float64,
+        **{name: pl.Float64 for name in GENERATION_METRICS},
     }
 )
 
@@ -185,6 +199,7 @@ def stats_frame(records: list[OkeditRecord]) -> pl.DataFrame:
             "locality_label": r.validation.metrics.locality_label,
             "text_locality_label": r.validation.metrics.text_locality_label,
             "hm": r.validation.metrics.hm,
+            **{name: getattr(r.validation.metrics, name) for name in GENERATION_METRICS},
         }
         for r in records
     ]

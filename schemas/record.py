@@ -99,6 +99,12 @@ class EditMetrics(_Model):
     text_locality_label: float = -1.0
     text_locality_agreement: float = -1.0
     hm: float = -1.0
+    # VQA-normalised exact match of the edited model's greedy answer (-1: not generated)
+    gen_reliability: float = -1.0
+    gen_text_generality: float = -1.0
+    gen_image_generality: float = -1.0
+    gen_locality: float = -1.0  # near-miss images answer C
+    gen_text_locality: float = -1.0  # text negatives keep their answer
 
 
 class ProbeResult(_Model):
@@ -114,6 +120,10 @@ class ProbeResult(_Model):
     pre_accuracy: float  # teacher-forced accuracy of `expected` on the clean model
     post_accuracy: float  # ... on the edited model
     agreement: float = -1.0  # top-k agreement clean vs edited (negatives only)
+    pre_answer: str = ""  # greedy answer of the clean model ("" when not generated)
+    post_answer: str = ""  # ... of the edited model
+    pre_generation_match: float = -1.0  # VQA exact match of pre_answer with `expected`
+    post_generation_match: float = -1.0
 
 
 class Validation(_Model):

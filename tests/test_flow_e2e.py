@@ -105,6 +105,11 @@ def _okedit(*args: str, cwd: Path) -> subprocess.CompletedProcess:
             ],
             "okvqa-files needs --okvqa-questions",
         ),
+        (["build", "--limit", "1", "--key-variant", "middle"], "setting key_variant"),
+        (
+            ["build", "--limit", "1", "--editor", "grace", "--key-variant", "two_part"],
+            "BalancEdit only",
+        ),
     ],
 )
 def test_bad_options_fail_in_one_line(args, message, tmp_path):

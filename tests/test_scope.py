@@ -10,6 +10,7 @@ import torch
 from editors.adapters import VLMAdapter
 from editors.adapters.random_models import random_adapter
 from editors.config import EditorConfig, ModelConfig
+from editors.metrics import generation_exact_match
 from editors.scope import build_probes, make_editor, validate_record, verdict
 from pipeline.validate import scope_filter, validate_records
 from schemas.record import OkeditRecord, ProbeResult, Validation
@@ -54,6 +55,14 @@ def test_validate_record_fills_validation(adapter: VLMAdapter) -> None:
         for p in validation.probes
     )
     assert validation.metrics.reliability == edit.post_accuracy
+    for probe in validation.probes:  # greedy answers before and after, VQA exact match
+        assert probe.post_generation_match == generation_exact_match(
+            probe.post_answer, probe.expected
+        )
+        assert probe.pre_generation_match == generation_exact_match(
+            probe.pre_answer, probe.expected
+        )
+    assert validation.metrics.gen_reliability == edit.post_generation_match
     assert 0 <= validation.metrics.text_generality <= 1
     config = json.loads(validation.edit_config)
     assert (config["lr"], config["steps"], config["preset"], config["path"]) == (
@@ -85,6 +94,7 @@ def test_fast_and_slow_validation_agree(adapter: VLMAdapter) -> None:
         assert a.distance == pytest.approx(b.distance, abs=1e-5)
         assert (a.pre_accuracy, a.post_accuracy) == (b.pre_accuracy, b.post_accuracy)
         assert a.agreement == pytest.approx(b.agreement)
+        assert (a.pre_answer, a.post_answer) == (b.pre_answer, b.post_answer)
 
 
 @pytest.mark.parametrize("editor", ["grace", "ft"])
@@ -158,6 +168,31 @@ def test_verdict_rules() -> None:
     assert "text_negative[0] routed" in reason
     wrong = [_result("edit", 0.0, True, post=0.5), *ok[1:]]
     assert verdict(wrong, kept, 0.4, "near_miss")[0] == "fail"
+
+
+def test_ambiguity_compares_negatives_with_positives_of_their_family() -> None:
+    # A re-rendered image (0.45) is farther than another question about the edit image
+    # (0.3): no fault of the item within the image or the text family.
+    results = [
+        _result("edit", 0.0, True),
+        _result("rephrase", 0.1, True),
+        _result("image_rephrase", 0.45, False),
+        _result("locality", 0.5, False, post=0.0),
+        _result("text_negative", 0.3, True, post=0.0),
+    ]
+    kept = [False, False, False, True, True]
+    name, reason, *_ = verdict(results, kept, 0.4, "near_miss")
+    assert name == "fail" and "image_rephrase[0] not routed" in reason
+    name, reason, *_ = verdict(results, kept, 0.4, "near_miss", ambiguity_scope="all")
+    assert name == "ambiguous" and "text_negative[0]" in reason
+    # A near-miss image nearer than a positive image is ambiguous in the image family.
+    near = [*results[:3], _result("locality", 0.2, True, post=0.0), results[4]]
+    name, reason, *_ = verdict(near, kept, 0.4, "near_miss")
+    assert name == "ambiguous" and reason.startswith("image: negative locality[0]")
+    # The black training image is not a near miss: never a reason for ambiguity.
+    black = [*results[:3], _result("train_neg", 0.2, False, post=0.0), results[4]]
+    assert verdict(black, kept, 0.4, "black")[0] == "fail"
+    assert verdict(black, kept, 0.4, "near_miss")[0] == "ambiguous"
 
 
 def test_validate_records_and_scope_filter(adapter: VLMAdapter) -> None:
