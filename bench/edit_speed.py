@@ -1,11 +1,16 @@
 """Edit speed: per-item validation time (edit + all probes) of the fast path vs the
 straightforward loop, on the same random-weight models and the same items (issue 3 part 6).
 
-* fast — one batched clean forward per item caches the wrapped module's input and the
-  residual for every probe (each unique image through the vision tower once); the 50 Adam
-  steps and the edited probes run only the tail (`lm_head(norm(resid + copy(x)))`).
+* fast — one clean pass per item caches the wrapped module's input and the residual for every
+  probe: each unique image through the vision tower once, the rows that show the same image
+  share their common prefix (image tokens + template; computed once, its KV cache repeated
+  over the rows, only the suffixes run), the other rows run as one batch; the 50 Adam steps
+  and the edited probes run only the tail (`lm_head(norm(resid + copy(x)))`).
 * slow — the straightforward loop: every training step is a full forward + backward, keys and
   probes run one full forward each, pre and post.
+
+Greedy generation (`EditorConfig.generate_answers`) is off in both paths: it is not part of
+the issue's fast/slow definition and costs the same in both (`--generate` turns it on).
 
 Models (random weights, built from configs, nothing downloaded):
 * tiny — the flagworld VLM's architecture (design §9): LLaVA, CLIP 2×128 at 64 px / patch 16,
@@ -14,9 +19,10 @@ Models (random weights, built from configs, nothing downloaded):
   queries, and OPT with 24 layers of width 1024 (~300 M parameters).
 
 Each (model, path) runs in its own process (same seeds -> same weights and items) so that
-peak memory (ru_maxrss) is per path. Usage:
+peak memory (ru_maxrss) is per path. `--profile` adds, in the fast process, a per-stage
+timing of one item with and without prefix sharing. Usage:
 
-    .venv/bin/python bench/edit_speed.py --items-tiny 4 --items-blip2 2 --threads 1
+    .venv/bin/python bench/edit_speed.py --items-tiny 4 --items-blip2 2 --threads 1 --profile
 """
 
 from __future__ import annotations
@@ -199,7 +205,86 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def run_path(model: str, fast: bool, items: int, threads: int) -> dict[str, Any]:
+PROFILED = {  # sub-modules timed by --profile, per family
+    "blip2": {"vision tower": "vision_model", "Q-Former": "qformer"},
+    "llava": {"vision tower": "model.vision_tower"},
+}
+
+
+def profile_item(adapter: Any, editor: Any, record: Any, shares_prefix: bool) -> dict[str, Any]:
+    """Seconds per stage of one fast-path item: inputs, the clean capture (vision tower,
+    Q-Former and each language-model forward, by shape, inside it), the edit, the pre and
+    post logits."""
+    from editors.scope import RADIUS_KINDS, build_probes
+
+    times: dict[str, float] = {}
+    forwards: list[dict[str, Any]] = []
+    starts: dict[str, float] = {}
+
+    def pre(name: str):
+        def hook(module: Any, args: Any, kwargs: Any) -> None:
+            starts[name] = time.perf_counter()
+
+        return hook
+
+    def post(name: str):
+        def hook(module: Any, args: Any, kwargs: Any, out: Any) -> None:
+            elapsed = time.perf_counter() - starts[name]
+            if name == "lm":
+                ids = kwargs.get("input_ids")
+                embeds = kwargs.get("inputs_embeds")
+                shape = tuple((ids if ids is not None else embeds).shape[:2])
+                forwards.append({"shape": shape, "seconds": elapsed})
+            else:
+                times[name] = times.get(name, 0.0) + elapsed
+
+        return hook
+
+    paths = {**PROFILED.get(adapter.family, {}), "lm": adapter.layers_path.rsplit(".", 1)[0]}
+    hooks = []
+    for name, path in paths.items():
+        module = adapter.model.get_submodule(path)
+        hooks.append(module.register_forward_pre_hook(pre(name), with_kwargs=True))
+        hooks.append(module.register_forward_hook(post(name), with_kwargs=True))
+    adapter.shares_prefix = shares_prefix
+    try:
+        probes = build_probes(record, editor.config)
+        start = time.perf_counter()
+        batch = adapter.build_inputs(
+            [p.image for p in probes], [p.question for p in probes], [p.expected for p in probes]
+        )
+        times["build inputs"] = time.perf_counter() - start
+        start = time.perf_counter()
+        capture = adapter.capture(batch, editor.path)
+        times["capture"] = time.perf_counter() - start
+        kinds = [p.kind for p in probes]
+        rows = [kinds.index(k) for k in RADIUS_KINDS if k in kinds]
+        start = time.perf_counter()
+        editor.edit_rows(batch, capture, rows, record.target)
+        times["edit (50 tail steps)"] = time.perf_counter() - start
+        start = time.perf_counter()
+        editor.clean_target_logits(batch, capture)
+        editor.evaluate(batch, capture)
+        times["pre + post logits"] = time.perf_counter() - start
+    finally:
+        editor.restore()
+        del adapter.shares_prefix  # back to the family default
+        for hook in hooks:
+            hook.remove()
+    return {
+        "shares_prefix": shares_prefix,
+        "batch": list(batch.input_ids.shape),
+        "real_tokens": int(batch.attention_mask.sum()),
+        "unique_images": len(set(batch.image_index)),
+        "groups": [[len(r), p] for r, p in adapter.prefix_groups(batch)] if shares_prefix else [],
+        "stages": times,
+        "lm_forwards": forwards,
+    }
+
+
+def run_path(
+    model: str, fast: bool, items: int, threads: int, generate: bool = False, profile: bool = False
+) -> dict[str, Any]:
     """Child process: build the model, validate `items` records on one path, report."""
     import torch
 
@@ -220,7 +305,7 @@ def run_path(model: str, fast: bool, items: int, threads: int) -> dict[str, Any]
     )
     build_s = time.perf_counter() - start
     records = make_records(items)
-    config = EditorConfig.for_model(spec["preset"], fast=fast)
+    config = EditorConfig.for_model(spec["preset"], fast=fast, generate_answers=generate)
     editor = make_editor(adapter, config)
     # Warm-up (untimed, both processes alike): one fast-path item with 2 training steps runs
     # every kind of kernel once (vision, LM forward, backward, Adam).
@@ -228,6 +313,11 @@ def run_path(model: str, fast: bool, items: int, threads: int) -> dict[str, Any]
     validate_record(make_records(1, seed=99)[0], warm, model)
     rss_ready = _rss_mb()
     validations = [validate_record(r, editor, model) for r in records]
+    profiles = (
+        [profile_item(adapter, editor, records[0], shares) for shares in (False, True)]
+        if profile and fast
+        else []
+    )
     lm = adapter.model.get_submodule(adapter.layers_path.rsplit(".layers", 1)[0])
     return {
         "model": model,
@@ -244,6 +334,8 @@ def run_path(model: str, fast: bool, items: int, threads: int) -> dict[str, Any]
         "rss_ready_mb": rss_ready,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "threads": threads,
+        "generate_answers": generate,
+        "profiles": profiles,
     }
 
 
@@ -278,6 +370,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--models", default="tiny,blip2-opt300m")
     parser.add_argument("--json", type=Path, default=None, help="write all results here")
+    parser.add_argument("--generate", action="store_true", help="greedy answers too (both paths)")
+    parser.add_argument(
+        "--profile", action="store_true", help="fast-path stage timings, with and without sharing"
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     counts = {"tiny": args.items_tiny, "blip2-opt300m": args.items_blip2}
@@ -288,7 +384,7 @@ def main() -> None:
         for fast in (True, False):
             with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
                 runs[fast] = pool.submit(
-                    run_path, model, fast, counts[model], args.threads
+                    run_path, model, fast, counts[model], args.threads, args.generate, args.profile
                 ).result()
             run = runs[fast]
             print(
@@ -305,8 +401,42 @@ def main() -> None:
         )
     print()
     print(markdown(results, args))
+    for r in results:
+        for profile in r["runs"][True]["profiles"]:
+            print()
+            print(profile_markdown(r["model"], profile))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+
+
+def profile_markdown(model: str, profile: dict[str, Any]) -> str:
+    """One profiled fast-path item as a small table (seconds)."""
+    stages = dict(profile["stages"])
+    inside = {k: stages.pop(k) for k in ("vision tower", "Q-Former") if k in stages}
+    lm = profile["lm_forwards"]
+    lm_s = sum(f["seconds"] for f in lm)
+    capture = stages.pop("capture")
+    sharing = (
+        f"prefix sharing on, groups (rows, prefix) {profile['groups']}"
+        if profile["shares_prefix"]
+        else "prefix sharing off (one plain batched forward)"
+    )
+    lines = [
+        f"Fast-path profile, {model}, one item: batch {profile['batch']} "
+        f"({profile['real_tokens']} real tokens, {profile['unique_images']} unique images), "
+        f"{sharing}.",
+        "",
+        "| stage | s |",
+        "|---|---|",
+        f"| build inputs | {stages.pop('build inputs'):.3f} |",
+        f"| capture | {capture:.3f} |",
+        *(f"| — {name} | {seconds:.3f} |" for name, seconds in inside.items()),
+        *(f"| — LM forward {tuple(f['shape'])} | {f['seconds']:.3f} |" for f in lm),
+        f"| — rest (embedding, cache, assembly) | {capture - lm_s - sum(inside.values()):.3f} |",
+        *(f"| {name} | {seconds:.3f} |" for name, seconds in stages.items()),
+        f"| **total** | {capture + sum(profile['stages'][k] for k in stages):.3f} |",
+    ]
+    return "\n".join(lines)
 
 
 def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:

@@ -3,10 +3,11 @@ linear module, the edit loop, and two ways to run it.
 
 * slow path — the straightforward loop: every training step is a full forward + backward of
   the edit sequence with the wrapper installed; keys and probes run one forward each.
-* fast path — the wrapped module's input x does not depend on the edit, so one clean forward
-  caches x and the residual stream (`adapters.Capture`), and every training step (and the
-  edited probes) only runs the tail: `lm_head(norm(layers_after(resid + edited_module(x))))`,
-  at the target positions alone when the module sits in the last decoder layer.
+* fast path — the wrapped module's input x does not depend on the edit, so one clean pass
+  caches x and the residual stream (`adapters.Capture`: each image encoded once, same-image
+  rows sharing a KV-cached prefix), and every training step (and the edited probes) only runs
+  the tail: `lm_head(norm(layers_after(resid + edited_module(x))))`, at the target positions
+  alone when the module sits in the last decoder layer.
 
 An editor subclass defines `edited_output` (what the module returns for routed inputs), how a
 new entry's value and radius are made, and which parameters train.
@@ -231,8 +232,7 @@ class Editor(ABC):
 
     def _optimize(self, entry: int, loss_fn: Callable[[], Tensor]) -> list[float]:
         """Adam on the entry's parameters; all other weights are frozen."""
-        params = self.trainable(entry)
-        optimizer = torch.optim.Adam(params, lr=self.config.lr, eps=self.config.adam_eps)
+        optimizer = _adam(self.trainable(entry), self.config.lr, self.config.adam_eps)
         losses: list[float] = []
         for _ in range(self.config.steps):
             loss = loss_fn()
@@ -397,6 +397,18 @@ def _recorder(store: dict[str, Tensor]) -> Callable[[nn.Module, tuple], None]:
         store["x"] = args[0]
 
     return hook
+
+
+def _adam(params: list[Tensor], lr: float, eps: float) -> torch.optim.Optimizer:
+    """Adam, fused where torch has a fused kernel for the parameters: the same update up to
+    float rounding, one pass over the value instead of ~10 (a 4.2 M-parameter OPT fc2 copy:
+    10 -> 2.5 ms per CPU step, most of the fast path's edit time)."""
+    if all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params):
+        try:
+            return torch.optim.Adam(params, lr=lr, eps=eps, fused=True)
+        except RuntimeError:  # an older torch without a fused kernel for this device
+            pass
+    return torch.optim.Adam(params, lr=lr, eps=eps)
 
 
 def _loss(logits: Tensor, targets: Tensor) -> Tensor:

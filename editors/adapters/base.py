@@ -11,7 +11,9 @@ placeholders included) and a target of m tokens, positions n-1 … n+m-2 predict
 
 from __future__ import annotations
 
+import inspect
 import io
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -181,6 +183,11 @@ class VLMAdapter:
     mlp_writer: ClassVar[str] = "mlp.down_proj"  # writes the MLP output into the residual
     residual_input: ClassVar[str] = "post_attention_layernorm"  # its input = that residual
     image_before_bos: ClassVar[bool] = False  # BLIP-2 puts the query tokens before BOS
+    # Same-image rows may share a KV-cached prefix in `capture` (off where the text model's
+    # positions depend on more than the token count, e.g. Qwen2-VL's M-RoPE).
+    shares_prefix: ClassVar[bool] = True
+    # ... when that saves at least this many positions (each group costs two more forwards).
+    prefix_min_saved: ClassVar[int] = 16
 
     def __init__(
         self,
@@ -414,16 +421,20 @@ class VLMAdapter:
             return []
         return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
-    def model_inputs(self, batch: Batch, encode_once: bool = False) -> dict[str, Any]:
-        """Keyword arguments for `model(...)`. With `encode_once`, each unique image goes
-        through the vision tower once and rows share its features."""
+    def model_inputs(
+        self, batch: Batch, encode_once: bool = False, features: list[Tensor] | None = None
+    ) -> dict[str, Any]:
+        """Keyword arguments for `model(...)`. With `encode_once` (or precomputed `features`
+        of the batch's unique images), each unique image goes through the vision tower once
+        and rows share its features."""
         inputs: dict[str, Any] = {
             "input_ids": batch.input_ids,
             "attention_mask": batch.attention_mask,
             **batch.extra,
         }
-        if encode_once:
+        if encode_once and features is None:
             features = self.image_features(self._cast(batch.pixel))
+        if features is not None:
             per_row = [features[i] for i in batch.image_index]
             inputs.update(self.encoder_inputs(per_row, batch))
         else:
@@ -439,13 +450,130 @@ class VLMAdapter:
         return self.model(**self.model_inputs(batch, encode_once), use_cache=False).logits
 
     def capture(self, batch: Batch, module_path: str) -> Capture:
-        """One clean forward (no grad) recording what the fast path needs; see `Capture`."""
+        """One clean pass (no grad) recording what the fast path needs; see `Capture`.
+
+        Each unique image goes through the vision tower once. When the wrapped module sits in
+        the last decoder layer (the tail then acts on each position alone), rows that show the
+        same image and begin with the same tokens share that prefix (`prefix_groups`): it runs
+        once, its KV cache is repeated over the rows, and only their suffixes run; the other
+        rows run as one plain batch. The results equal the plain batched forward up to float
+        rounding: causal attention makes a prefix's states independent of what follows it.
+        Below the last layer the later layers are replayed on whole rows, so the batch runs
+        as one plain forward.
+        """
         layer_index = self.layer_index(module_path)
         if layer_index is None or not self.supports_tail(module_path):
             raise ModulePathError(
                 f"the fast path needs the residual-writing module of a decoder layer "
                 f"({self.layers_path}.N.{self.mlp_writer}), not {module_path!r}"
             )
+        with torch.no_grad():
+            features = self.image_features(self._cast(batch.pixel))
+            last = layer_index == len(self.layers()) - 1
+            groups = self.prefix_groups(batch) if last else []
+            if not groups:
+                record = self._recorded(module_path, lambda: self._forward(batch, features))
+                return Capture(record["x"], record["resid"], record["later"], record["final"])
+            return self._shared_capture(batch, module_path, features, groups)
+
+    def prefix_groups(self, batch: Batch) -> list[tuple[list[int], int]]:
+        """(rows, prefix length) of row groups that show the same image and share their first
+        tokens, image placeholders included (the suffixes run through the text model alone,
+        which cannot embed an image); a group saves `(rows - 1) * prefix` positions and is
+        kept when that is at least `prefix_min_saved`. Empty when `shares_prefix` is off."""
+        if not self.shares_prefix:
+            return []
+        lengths = batch.attention_mask.sum(dim=1).tolist()
+        by_image: dict[int, list[int]] = {}
+        for row, image in enumerate(batch.image_index):
+            by_image.setdefault(image, []).append(row)
+        groups = []
+        for rows in by_image.values():
+            ids = [batch.input_ids[r, : lengths[r]].tolist() for r in rows]
+            prefix = min(lengths[r] for r in rows) - 1  # every row keeps a suffix
+            for other in ids[1:]:
+                prefix = min(prefix, _common_prefix(ids[0], other))
+            image = batch.image_mask[rows].any(dim=0).nonzero()
+            image_end = int(image.max()) + 1 if len(image) else 0
+            if prefix >= image_end and (len(rows) - 1) * prefix >= self.prefix_min_saved:
+                groups.append((rows, prefix))
+        return groups
+
+    def _shared_capture(
+        self,
+        batch: Batch,
+        module_path: str,
+        features: list[Tensor],
+        groups: list[tuple[list[int], int]],
+    ) -> Capture:
+        b, t = batch.input_ids.shape
+        out: dict[str, Tensor] = {}
+
+        def put(name: str, rows: list[int], start: int, value: Tensor) -> None:
+            if name not in out:
+                out[name] = value.new_zeros(b, t, value.shape[-1])
+            out[name][rows, start : start + value.shape[1]] = value
+
+        shared = {r for rows, _ in groups for r in rows}
+        plain = [r for r in range(b) if r not in shared]
+        if plain:
+            sub = self.select(batch, plain)
+            record = self._recorded(
+                module_path, lambda: self._forward(sub, _sub_features(batch, plain, features))
+            )
+            for name in ("x", "resid", "final"):
+                put(name, plain, 0, record[name])
+        for rows, prefix in groups:
+            head, tail = self._group_records(batch, module_path, features, rows, prefix)
+            for name in ("x", "resid", "final"):
+                put(name, rows, 0, head[name].expand(len(rows), -1, -1))
+                put(name, rows, prefix, tail[name])
+        return Capture(out["x"], out["resid"], [], out["final"])
+
+    def _group_records(
+        self, batch: Batch, module_path: str, features: list[Tensor], rows: list[int], prefix: int
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Records of a group's shared prefix (one row, with its image) and of its rows'
+        suffixes (the text model alone, on the prefix's KV cache repeated over the rows)."""
+        from transformers import DynamicCache
+
+        head = self.select(batch, rows[:1])
+        ids, mask = head.input_ids[:, :prefix], head.attention_mask[:, :prefix]
+        head = replace(head, input_ids=ids, attention_mask=mask, extra=self.extra_inputs(ids, mask))
+        body = self.model.get_submodule(self.layers_path.rsplit(".", 1)[0])
+        # transformers 5 renamed `past_key_values` to `cache`
+        name = (
+            "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+        )
+        cache = DynamicCache()
+        kwargs = {name: cache, "use_cache": True}
+        head_features = _sub_features(batch, rows[:1], features)
+        head_record = self._recorded(
+            module_path, lambda: self._forward(head, head_features, **kwargs)
+        )
+        cache.batch_repeat_interleave(len(rows))
+        width = int(batch.attention_mask[rows].sum(dim=1).max())
+        mask = batch.attention_mask[rows, :width]  # (a copy: list indexing)
+        mask[:, :prefix] = 1
+        ids = batch.input_ids[rows, prefix:width]
+        tail_record = self._recorded(
+            module_path,
+            lambda: body(input_ids=ids, attention_mask=mask, **kwargs).last_hidden_state,
+        )
+        return head_record, tail_record
+
+    def _forward(self, batch: Batch, features: list[Tensor], **kwargs: Any) -> None:
+        """A full forward feeding precomputed image features; the capture hooks stop it at
+        the lm_head."""
+        kwargs.setdefault("use_cache", False)
+        self.model(**self.model_inputs(batch, features=features), **kwargs)
+
+    def _recorded(self, module_path: str, run: Callable[[], Tensor | None]) -> dict[str, Any]:
+        """Run a forward with hooks recording the wrapped module's input `x`, the residual it
+        is added to, the calls of the decoder layers after it (`later`) and the lm_head input
+        (`final`; or what `run` returns when it stops before any lm_head), all (B, T, ·)."""
+        layer_index = self.layer_index(module_path)
+        assert layer_index is not None
         layers = self.layers()
         record: dict[str, Any] = {"later": []}
         hooks = [
@@ -464,19 +592,18 @@ class VLMAdapter:
             )
         try:
             with torch.no_grad():
-                self.model(**self.model_inputs(batch, encode_once=True), use_cache=False)
+                final = run()
+            if final is not None:
+                record["final"] = final
         except _StopForward:
             pass
         finally:
             for hook in hooks:
                 hook.remove()
         b, t = record["shape"]
-        return Capture(
-            x=record["x"].reshape(b, t, -1),
-            resid=record["resid"].reshape(b, t, -1),
-            later=record["later"],
-            final_hidden=record["final"].reshape(b, t, -1),
-        )
+        for name in ("x", "resid", "final"):
+            record[name] = record[name].reshape(b, t, -1)
+        return record
 
     def run_later(self, capture: Capture, hidden: Tensor) -> Tensor:
         """Replay the decoder layers after the wrapped one on new hidden states."""
@@ -538,6 +665,11 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
+
+
+def _sub_features(batch: Batch, rows: list[int], features: list[Tensor]) -> list[Tensor]:
+    """The features of `select(batch, rows)`'s unique images, in its order."""
+    return [features[i] for i in sorted({batch.image_index[r] for r in rows})]
 
 
 def _record_shape(record: dict[str, Any]):
