@@ -134,9 +134,9 @@ class EditorConfig(BaseModel):
     # the edit image always sit nearer than a re-rendered image, so every item is ambiguous.
     ambiguity: Literal["family", "all"] = "family"
     # Greedy answers of every probe before and after the edit, scored by VQA exact match.
-    # Costs one generate() per probe and side; off for pure timing runs.
+    # Costs one generate() per probe and side (on CPU more than the fast-path edit itself).
     generate_answers: bool = True
-    max_new_tokens: int = Field(default=8, ge=1)
+    max_new_tokens: int = Field(default=8, ge=1)  # capped at the longest answer + 1 token
     preset: str = "default"  # the EDIT_PRESETS entry the edit strength came from
     seed: int = 0
 

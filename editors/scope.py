@@ -187,9 +187,13 @@ def generated_answers(editor: Editor, batch: Batch, edited: bool) -> list[str] |
     config = editor.config
     if not config.generate_answers:
         return None
+    # One token past the longest expected answer shows whether an answer stops; more only
+    # costs decode steps (one per token and probe, the validation's largest cost on CPU).
+    longest = int(batch.target_mask.sum(dim=1).max())
+    max_new_tokens = min(config.max_new_tokens, longest + 1)
     if edited:
-        return editor.generate(batch, config.max_new_tokens)
-    return editor.adapter.generate(batch, config.max_new_tokens)
+        return editor.generate(batch, max_new_tokens)
+    return editor.adapter.generate(batch, max_new_tokens)
 
 
 def run_probes(editor: Editor, probes: list[Probe], request: EditRequest) -> _Run:

@@ -108,11 +108,16 @@ def _print_summary(summary: dict) -> None:
 EDITOR_HELP = "balancedit | grace | ft"
 KEY_HELP = "routing key: last_prompt (default) | reference (the paper's) | question | two_part"
 ALPHA_HELP = "BalancEdit's α: weight of d(k, k_pos) in the radius"
+GENERATE_HELP = "also score greedy answers before/after each edit (slow on CPU)"
 
 
-def editor_overrides(editor: str, key_variant: str | None, alpha: float | None) -> dict:
+def editor_overrides(
+    editor: str, key_variant: str | None, alpha: float | None, generate: bool = True
+) -> dict:
     """EditorConfig fields set on the command line (checked when the config is built)."""
     overrides: dict = {} if editor == "balancedit" else {"editor": editor}
+    if not generate:
+        overrides["generate_answers"] = False
     if key_variant is not None:
         overrides["key_variant"] = key_variant
     if alpha is not None:
@@ -140,6 +145,7 @@ def build(
     editor: Annotated[str, typer.Option(help=EDITOR_HELP)] = "balancedit",
     key_variant: Annotated[Optional[str], typer.Option(help=KEY_HELP)] = None,  # noqa: UP045
     alpha: Annotated[Optional[float], typer.Option(help=ALPHA_HELP)] = None,  # noqa: UP045
+    generate: Annotated[bool, typer.Option(help=GENERATE_HELP)] = True,
     filter_scope: Annotated[
         bool, typer.Option("--filter-scope", help="drop items whose scope is ambiguous")
     ] = False,
@@ -185,7 +191,7 @@ def build(
         "enabled": validate,
         "device": device,
         "filter_scope": filter_scope,
-        "editor": editor_overrides(editor, key_variant, alpha),
+        "editor": editor_overrides(editor, key_variant, alpha, generate),
     }
     if model:
         validation["model"] = model
@@ -237,13 +243,14 @@ def validate_cmd(
     editor: Annotated[str, typer.Option(help=EDITOR_HELP)] = "balancedit",
     key_variant: Annotated[Optional[str], typer.Option(help=KEY_HELP)] = None,  # noqa: UP045
     alpha: Annotated[Optional[float], typer.Option(help=ALPHA_HELP)] = None,  # noqa: UP045
+    generate: Annotated[bool, typer.Option(help=GENERATE_HELP)] = True,
     filter_scope: Annotated[bool, typer.Option("--filter-scope")] = False,
     out: Annotated[Optional[Path], typer.Option(help="write here (default: in place)")] = None,  # noqa: UP045
 ) -> None:
     """Re-validate an existing dataset folder with BalancEdit and refresh its card."""
     from pipeline.revalidate import revalidate_folder
 
-    overrides = editor_overrides(editor, key_variant, alpha)
+    overrides = editor_overrides(editor, key_variant, alpha, generate)
     try:
         summary = revalidate_folder(dataset, out or dataset, model, device, filter_scope, overrides)
     except (FileNotFoundError, ValueError) as exc:
