@@ -174,7 +174,8 @@ def okedit_meta(
         "image_tokens": _n_image_tokens(processor),
         "image_size": processor.image_processor.size["height"],
         "edit_module": "model.language_model.layers[-1].mlp.down_proj",
-        "padding_side": "right",
+        "padding_side": "right",  # teacher forcing: positions as unpadded
+        "generation_padding_side": "left",  # batched generate() needs left padding
         **extra,
     }
 
@@ -244,20 +245,30 @@ def train_loop(
     grad_clip: float = 1.0,
     log_every: int = 0,
     log: Callable[[str], None] = print,
+    lr_mult: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """AdamW + warm-up/cosine over `steps`; each batch goes to `model(**batch)` and its
     `.loss` is minimised (HF `labels` with -100 where no loss is wanted).
+    `lr_mult` scales the lr of parameters whose name contains a key (last match wins).
 
     `batches` is either a function `step -> batch` or an iterable. The schedule is fixed by
     `steps` (deterministic for a seed); `budget_s` only stops early as a safety net and is
     reported (`stopped_by_budget`)."""
     seed_everything(seed)
     warmup = max(1, steps // 30) if warmup is None else warmup
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     # No weight decay on norms/biases (1-d tensors): standard, and it helps tiny models.
+    buckets: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
+    for name, p in named:
+        mult = 1.0
+        for key, value in (lr_mult or {}).items():
+            if key in name:
+                mult = value
+        buckets.setdefault((mult, p.ndim >= 2), []).append(p)
     groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        {"params": ps, "lr": lr * mult, "weight_decay": weight_decay if decay else 0.0}
+        for (mult, decay), ps in buckets.items()
     ]
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps, warmup))
@@ -297,5 +308,6 @@ def train_loop(
         "seconds": round(time.perf_counter() - start, 2),
         "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
         "lr": lr,
+        "lr_mult": dict(lr_mult or {}),
         "seed": seed,
     }

@@ -55,18 +55,25 @@ def default_model_dir() -> Path:
 class TinyVLMRecipe:
     """Hyper-parameters of `train_flagworld_vlm` (all recorded in metrics.json).
 
-    Measured here (seed 0, fresh renders): lr 1.5e-3 (the design's prototype value) stalls
-    this model at ~0.6 after 2000 steps; 7e-4, 5e-4 and 3e-4 reached 0.48, 0.53 and 0.66
-    after 800 steps, so lower is better for it. lr 3e-4 with 2000 steps and a 128-image
-    pool gave 0.93; 3000 steps and a 256-image pool gave 0.98 (5e-4: 0.97)."""
+    Measured here (teacher-forced accuracy on fresh renders, training templates):
+    - one lr for everything: 1.5e-3 (the design's prototype value) stalls at 0.60 after
+      2000 steps; 3e-4 is better (0.93 after 2000 steps, 0.98 / 0.945 for seeds 0 / 1
+      after 3000 steps with a 256-image pool);
+    - the output head starts tiny (std 0.02) and learns far too slowly at the body's lr:
+      20x for `lm_head` alone cut the loss after 400 steps from 1.31 to ~0.6; after 2500
+      steps with a 384-image pool: seed 0 0.980 / 0.979 / 0.968 (training / held-out /
+      paraphrase templates), seed 1 0.977 / 0.972 / 0.953. The same boost on the token
+      embeddings learns the training templates as fast but breaks held-out phrasings
+      (seed 1, "what nation uses this flag?": 0.67), so they keep the base lr."""
 
     seed: int = 0
-    steps: int = 3000
+    steps: int = 2500
     budget_s: float | None = None  # optional safety net; `steps` defines the run
     lr: float = 3e-4
+    lr_mult: dict[str, float] = field(default_factory=lambda: {"lm_head": 20.0})
     weight_decay: float = 0.01
     batch_size: int = 64
-    pool_per_flag: int = 256  # augmented renders per flag (+ the canonical one)
+    pool_per_flag: int = 384  # augmented renders per flag (+ the canonical one)
     train_eos: bool = True
     num_threads: int | None = None  # torch threads; None keeps torch's default
     model: dict[str, int] = field(default_factory=dict)  # build_tiny_llava overrides
@@ -177,6 +184,7 @@ def train_flagworld_vlm(
     lr: float = TinyVLMRecipe.lr,
     batch_size: int = TinyVLMRecipe.batch_size,
     pool_per_flag: int = TinyVLMRecipe.pool_per_flag,
+    lr_mult: dict[str, float] | None = None,
     num_threads: int | None = None,
     evaluate: bool = True,
     eval_renders_per_flag: int = 8,
@@ -198,9 +206,17 @@ def train_flagworld_vlm(
         batch_size=batch_size,
         pool_per_flag=pool_per_flag,
         num_threads=num_threads,
+        **({"lr_mult": dict(lr_mult)} if lr_mult is not None else {}),
     )
     wall = time.perf_counter()
-    model, processor, info = _train(recipe, log=log, log_every=log_every)
+    threads = torch.get_num_threads()
+    try:
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        model, processor, info = _train(recipe, log=log, log_every=log_every)
+        used_threads = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
     if info["stopped_by_budget"]:
         log(f"warning: budget {budget_s}s hit after {info['steps']}/{steps} steps")
     metrics: dict[str, Any] = {
@@ -226,7 +242,7 @@ def train_flagworld_vlm(
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": used_threads,
     }
     out = Path(out_dir) if out_dir is not None else default_model_dir()
     meta = okedit_meta(
@@ -251,8 +267,6 @@ def train_flagworld_vlm(
 def _train(
     recipe: TinyVLMRecipe, log: Callable[[str], None], log_every: int
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor, dict[str, Any]]:
-    if recipe.num_threads:
-        torch.set_num_threads(recipe.num_threads)
     t = time.perf_counter()
     processor = build_flagworld_tokenizer_and_processor()
     tok = processor.tokenizer
@@ -266,6 +280,7 @@ def _train(
         for rel in fw.RELATIONS
     }
     _check_against_processor(processor, pool[0][0], fw.TRAIN_TEMPLATES[fw.RELATIONS[0]][0])
+    del pool  # the PIL copies; training reads the pixel tensor
     answers = [[_answer_id(processor, fw.answer(c, rel)) for rel in fw.RELATIONS] for c in codes]
     prep_s = time.perf_counter() - t
     log(f"prepared {len(codes)} flags x {per_flag} images in {prep_s:.1f}s")
@@ -296,6 +311,7 @@ def _train(
         budget_s=recipe.budget_s,
         log_every=log_every,
         log=log,
+        lr_mult=dict(recipe.lr_mult),
     )
     stats["prep_seconds"] = round(prep_s, 2)
     stats["train_seconds"] = stats.pop("seconds")
@@ -364,6 +380,12 @@ def evaluate_model(
             ok = [int(p) == r[2].answer for p, r in zip(pred, rows, strict=True)]
             result[f"{label}{name}_templates"] = round(sum(ok) / max(1, len(ok)), 4)
             result[f"{label}{name}_probes"] = len(ok)
+            if not label:
+                per_rel = {}
+                for rel in fw.RELATIONS:
+                    hits = [g for (_, r, _), g in zip(rows, ok, strict=True) if r == rel]
+                    per_rel[rel] = round(sum(hits) / max(1, len(hits)), 4)
+                result[f"{name}_per_relation"] = per_rel
             if label or name == "paraphrase":
                 continue
             for (code, rel, _), good, p in zip(rows, ok, pred, strict=True):
