@@ -7,14 +7,23 @@ validation chunk after chunk. An untimed warm-up build loads the model and fills
 first, and the Prefect API is started (and timed) before the flow runs, so the ratio is
 what Prefect adds per build: task runs, state updates, cache keys, artifacts. Runs
 alternate direct / flow / flow with Prefect's default heartbeats, each into a fresh folder;
-the medians give the ratio (target ≤ 1.15).
+the medians give the ratio (target ≤ 1.15), and every path must publish the same dataset
+(counts, per-stage counts, rejections, EasyEdit export and card).
+
+Per run it also reads the CPU time of this process and of the embedded API's server process
+(Linux /proc), which is where most of Prefect's cost goes: the server records every task-run
+state event, artifact and log. `--breakdown` adds, per path, where the wall time goes:
+from the start of the run to the first chunk, each stage (first chunk start to last chunk
+end, over the stage functions' own calls), the time between stages and after publishing.
 
     .venv/bin/python bench/orchestration_overhead.py [--items 40] [--repeats 3] [--threads 1]
+        [--breakdown]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -24,6 +33,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -103,11 +113,77 @@ def timed(fn: Any, cfg: BuildConfig) -> tuple[float, dict]:
     return time.perf_counter() - start, summary
 
 
+def dataset_digest(cfg: BuildConfig, summary: dict) -> str:
+    """What must not depend on the path: counts, per-stage counts and the published files
+    that hold no timings or timestamps (rejections, EasyEdit export, card)."""
+    digest = hashlib.sha256(json.dumps([summary["counts"], summary["stages"]]).encode())
+    for name in ("rejected.jsonl", "easyedit/okedit.json", "README.md"):
+        digest.update((cfg.out / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def cpu_seconds(pid: int | str = "self") -> float | None:
+    """User + system CPU time of a process (Linux); None elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def api_server_pid() -> int | None:
+    """The embedded API's server process (Prefect runs it as a subprocess)."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    for server in SubprocessASGIServer._instances.values():
+        if server.server_process is not None:
+            return server.server_process.pid
+    return None
+
+
+STAGE_FNS = ("gather_chunk", "annotate_chunk", "images_chunk", "assemble_chunk")
+STAGE_FNS += ("validate_chunk", "finalize")
+
+
+class StageClock:
+    """Start and end of every stage-function call, on both paths alike (`--breakdown`)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, float, float]] = []
+        for name in STAGE_FNS:
+            setattr(stages, name, self._wrap(name, getattr(stages, name)))
+
+    def _wrap(self, name: str, fn: Any) -> Any:
+        def timed_call(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.calls.append((name, start, time.perf_counter()))
+
+        return timed_call
+
+    def split(self, start: float, end: float) -> dict[str, float]:
+        """Wall seconds: to the first chunk, per stage, between stages, after publishing."""
+        spans: dict[str, list[float]] = {}
+        for name, a, b in self.calls:
+            span = spans.setdefault(name.removesuffix("_chunk"), [a, b])
+            span[0], span[1] = min(span[0], a), max(span[1], b)
+        ordered = sorted(spans.items(), key=lambda kv: kv[1][0])
+        out = {"to_first_chunk": ordered[0][1][0] - start}
+        out |= {name: b - a for name, (a, b) in ordered}
+        out["between_stages"] = sum(n[1][0] - p[1][1] for p, n in pairwise(ordered))
+        out["after_publish"] = end - ordered[-1][1][1]
+        self.calls.clear()
+        return {k: round(v, 3) for k, v in out.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=40, help="the demo's 40 by default")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--breakdown", action="store_true", help="wall time per stage and path")
     args = parser.parse_args()
 
     import torch
@@ -130,19 +206,45 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
     warm_s, _ = timed(build_direct, config("warm-up"))
     api_s = start_prefect_api()
+    server = api_server_pid()
+    clock = StageClock() if args.breakdown else None
     paths = {"direct": build_direct, "flow": build_flow, "flow_heartbeats": build_flow_heartbeats}
     times: dict[str, list[float]] = {path: [] for path in paths}
+    cpu: dict[str, list[tuple]] = {path: [] for path in paths}
+    splits: dict[str, list[dict]] = {path: [] for path in paths}
+    digests: dict[str, set[str]] = {path: set() for path in paths}
     counts = {}
     for r in range(args.repeats):
         for path, fn in paths.items():
-            seconds, summary = timed(fn, config(f"{path}-{r}"))
+            cfg = config(f"{path}-{r}")
+            cpu0 = (cpu_seconds(), cpu_seconds(server) if server else None)
+            start = time.perf_counter()
+            seconds, summary = timed(fn, cfg)
+            if clock:
+                splits[path].append(clock.split(start, start + seconds))
+            time.sleep(1.0)  # the server records the last events after the run returns
+            cpu1 = (cpu_seconds(), cpu_seconds(server) if server else None)
+            cpu[path].append(
+                tuple(b - a if a is not None else None for a, b in zip(cpu0, cpu1, strict=True))
+            )
             times[path].append(seconds)
             counts[path] = summary["counts"]
+            digests[path].add(dataset_digest(cfg, summary))
             print(f"run {r} {path:<15} {seconds:6.2f} s", file=sys.stderr)
-    if len({json.dumps(c, sort_keys=True) for c in counts.values()}) != 1:
-        raise SystemExit(f"the paths built different datasets: {counts}")
+    if len(set().union(*digests.values())) != 1:
+        raise SystemExit(f"the paths built different datasets: {counts} {digests}")
     median = {path: statistics.median(t) for path, t in times.items()}
     direct, flowed = median["direct"], median["flow"]
+    paired = [f - d for d, f in zip(times["direct"], times["flow"], strict=True)]
+
+    def median_cpu(path: str, which: int) -> float | None:
+        values = [c[which] for c in cpu[path] if c[which] is not None]
+        return round(statistics.median(values), 2) if values else None
+
+    def median_split(path: str) -> dict[str, float]:
+        keys = splits[path][0].keys()
+        return {k: round(statistics.median(s[k] for s in splits[path]), 3) for k in keys}
+
     return {
         "items": args.items,
         "chunks": -(-args.items // config("x").chunk_size),
@@ -154,7 +256,12 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         **{f"median_{path}_s": round(m, 2) for path, m in median.items()},
         "ratio": round(flowed / direct, 3),
         "overhead_s": round(flowed - direct, 2),
+        "paired_overhead_s": round(statistics.median(paired), 2),  # median of flow - direct
         "ratio_heartbeats": round(median["flow_heartbeats"] / direct, 3),
+        # CPU seconds per run (median), including 1 s after it for the server's backlog
+        "cpu_s": {p: {"client": median_cpu(p, 0), "api_server": median_cpu(p, 1)} for p in paths},
+        **({"breakdown_s": {p: median_split(p) for p in paths}} if clock else {}),
+        "dataset_digest": digests["flow"].pop(),
         "torch_threads": args.threads,
         "python": platform.python_version(),
         "cpus": os.cpu_count(),

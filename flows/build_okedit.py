@@ -47,12 +47,19 @@ class ShardRunError(RuntimeError):
 
 
 def _run_stage(
-    name: str, fn: Any, args: list[tuple], progress: Progress, parallel: bool
+    name: str,
+    fn: Any,
+    args: list[tuple],
+    progress: Progress,
+    parallel: bool,
+    artifacts: tasks.ArtifactSender,
 ) -> list[dict]:
     """Run one stage over all chunks (in threads when `parallel`), with a console bar and,
-    for long stages, a progress artifact updated as each chunk finishes."""
+    for long stages, a progress artifact updated as chunks finish (sent in the background)."""
     bar = progress.add_task(f"{name:<9}", total=len(args))
-    artifact = tasks.StageProgress(name, len(args)) if name in LONG_STAGES else None
+    artifact = (
+        tasks.StageProgress(name, len(args), sender=artifacts) if name in LONG_STAGES else None
+    )
 
     def advance(done: int) -> None:
         progress.update(bar, completed=done)
@@ -124,23 +131,26 @@ def _build(cfg: BuildConfig, resumed: bool) -> dict:
     logger.info("%d items in %d chunks%s", len(ids), len(chunks), " (resuming)" if resumed else "")
     config_json, build = cfg.model_dump_json(), tasks.build_token(cfg.out)
     indexed = [(config_json, build, i) for i in range(len(chunks))]
-    with Progress() as progress:
-        gather_args = [(config_json, build, i, c) for i, c in enumerate(chunks)]
-        _run_stage("gather", tasks.gather, gather_args, progress, True)
-        for name in ("annotate", "images", "assemble"):
-            _run_stage(name, tasks.CHUNK_TASKS[name], indexed, progress, True)
-        if cfg.scale.validate_deployment and cfg.validation.enabled:
-            shards = _validate_sharded(cfg, len(chunks), progress)
-        else:
-            # one model per process; the edits themselves use all cores
-            _run_stage("validate", tasks.validate, indexed, progress, False)
-            shards = []
-    summary = tasks.publish_local(config_json, len(chunks), len(ids))
-    if cfg.publish.repo_id:
-        summary["hub"] = tasks.publish_hub(config_json)
-    if shards:
-        summary["shards"] = shards
-    _report(summary)
+    # Artifact calls leave the flow's thread; leaving this block waits for the last one.
+    with tasks.ArtifactSender() as artifacts:
+        # bars move when chunks finish: 2 redraws a second, not rich's 10 (each costs CPU)
+        with Progress(refresh_per_second=2) as progress:
+            gather_args = [(config_json, build, i, c) for i, c in enumerate(chunks)]
+            _run_stage("gather", tasks.gather, gather_args, progress, True, artifacts)
+            for name in ("annotate", "images", "assemble"):
+                _run_stage(name, tasks.CHUNK_TASKS[name], indexed, progress, True, artifacts)
+            if cfg.scale.validate_deployment and cfg.validation.enabled:
+                shards = _validate_sharded(cfg, len(chunks), progress, artifacts)
+            else:
+                # one model per process; the edits themselves use all cores
+                _run_stage("validate", tasks.validate, indexed, progress, False, artifacts)
+                shards = []
+        summary = tasks.publish_local(config_json, len(chunks), len(ids))
+        if cfg.publish.repo_id:
+            summary["hub"] = tasks.publish_hub(config_json)
+        if shards:
+            summary["shards"] = shards
+        _report(summary, artifacts)
     return summary
 
 
@@ -174,12 +184,14 @@ def shard_plan(todo: list[int], shards: int) -> list[list[int]]:
     return [p for p in plan if p]
 
 
-def _validate_sharded(cfg: BuildConfig, n_chunks: int, progress: Progress) -> list[dict]:
+def _validate_sharded(
+    cfg: BuildConfig, n_chunks: int, progress: Progress, artifacts: tasks.ArtifactSender
+) -> list[dict]:
     """Validate through shard flow runs; returns their reports. The parent keeps the folder
     lock; shards write chunk markers into the shared folder, which is what it waits for."""
     todo = stages.missing_chunks(cfg, "validate", n_chunks)
     bar = progress.add_task(f"{'validate':<9}", total=n_chunks, completed=n_chunks - len(todo))
-    artifact = tasks.StageProgress("validate", n_chunks, n_chunks - len(todo))
+    artifact = tasks.StageProgress("validate", n_chunks, n_chunks - len(todo), sender=artifacts)
     plan = shard_plan(todo, cfg.scale.shards)
     # workers elsewhere must see the same absolute paths
     shared = cfg.model_copy(update={"out": cfg.out.resolve(), "cache_dir": cfg.cache_dir.resolve()})
@@ -219,21 +231,31 @@ def _shard_report(cfg: BuildConfig, run: dict) -> dict:
 # ---- artifacts ---------------------------------------------------------------------------
 
 
-def _report(summary: dict) -> None:
+def _report(summary: dict, artifacts: tasks.ArtifactSender) -> None:
     rows = [{"stage": s, **c} for s, c in summary["stages"].items()]
-    create_table_artifact(key="okedit-stage-counts", table=rows, description="Items per stage")
+    send = artifacts.submit
+    send(
+        create_table_artifact, key="okedit-stage-counts", table=rows, description="Items per stage"
+    )
     reasons = tasks.reject_reasons(summary["paths"]["rejected"])
     if reasons:
-        create_table_artifact(
-            key="okedit-reject-reasons", table=reasons, description="Rejected items by reason"
+        send(
+            create_table_artifact,
+            key="okedit-reject-reasons",
+            table=reasons,
+            description="Rejected items by reason",
         )
     if summary.get("shards"):
-        create_table_artifact(
-            key="okedit-validate-shards", table=summary["shards"], description="Shard runs"
+        send(
+            create_table_artifact,
+            key="okedit-validate-shards",
+            table=summary["shards"],
+            description="Shard runs",
         )
     counts = summary["counts"]
     hub = summary.get("hub")
-    create_markdown_artifact(
+    send(
+        create_markdown_artifact,
         key="okedit-summary",
         markdown=(
             f"# OKEDIT build\n\n{counts['in']} in, {counts['published']} published, "

@@ -11,9 +11,12 @@ flaky shared storage); a bad setting or a bug fails at once.
 
 from __future__ import annotations
 
+import contextvars
 import json
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -133,23 +136,68 @@ def publish_hub(config_json: str) -> dict | None:
     return stages.publish_hub(config_of(config_json))
 
 
+class ArtifactSender:
+    """The artifact API calls of one flow run, made in order on one background thread.
+
+    Each call is a blocking round trip to the API (15-50 ms on the embedded API of a busy
+    2-core machine, about ten per demo build), so the flow hands them over and goes on
+    with its chunks. Calls run in a copy of the caller's context, so they belong to the same
+    flow run. Leaving the `with` block waits for the last call and re-raises the first
+    failure (unless the block itself is failing).
+    """
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="okedit-artifacts")
+        self._futures: list[Future] = []
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        future = self._pool.submit(contextvars.copy_context().run, fn, *args, **kwargs)
+        self._futures.append(future)
+        return future
+
+    def close(self) -> None:
+        """Wait for every call; raise the first error."""
+        try:
+            for future in self._futures:
+                future.result()
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> ArtifactSender:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # the flow's own error wins: drop calls not started, wait for the one running
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 class StageProgress:
     """A Prefect progress artifact (percent of chunks done) for one stage of one flow run.
 
-    Updated as chunks finish, at most once per `min_interval_s` (each update is a blocking
-    API call; a demo build finishes chunks faster than anyone reads them), and always at
-    the end of the stage.
+    Updated as chunks finish, at most once per `min_interval_s` (a demo build finishes
+    chunks faster than anyone reads them), and always at the end of the stage. With a
+    `sender` the calls go through it (the flow does not wait on the API) and coalesce: a
+    call that has not started yet sends the latest count, so a stage that ends before its
+    artifact was created costs one call, created at 100 %. Without one, every call blocks.
     """
 
-    def __init__(self, stage: str, total: int, done: int = 0, min_interval_s: float = 1.0):
+    def __init__(
+        self,
+        stage: str,
+        total: int,
+        done: int = 0,
+        min_interval_s: float = 1.0,
+        sender: ArtifactSender | None = None,
+    ):
         self.stage, self.total, self.done = stage, max(total, 1), done
         self.min_interval_s = min_interval_s
-        self.id = create_progress_artifact(
-            progress=self._percent(done),
-            key=f"okedit-{stage}-progress",
-            description=self._description(done),
-        )
-        self._sent_at = time.monotonic()
+        self.id: Any = None
+        self._sender = sender
+        self._lock = threading.Lock()
+        self._queued = False  # a send is waiting in the sender and will read `done` then
+        self._request()
 
     def _percent(self, done: int) -> float:
         return round(100.0 * done / self.total, 1)
@@ -162,10 +210,31 @@ class StageProgress:
         recent = time.monotonic() - self._sent_at < self.min_interval_s
         if done == self.done or (recent and not finished):
             return
-        self.done, self._sent_at = done, time.monotonic()
-        update_progress_artifact(
-            self.id, progress=self._percent(done), description=self._description(done)
-        )
+        with self._lock:
+            self.done = done
+        self._request()
+
+    def _request(self) -> None:
+        self._sent_at = time.monotonic()
+        if self._sender is None:
+            self._send()
+            return
+        with self._lock:
+            if self._queued:
+                return  # the queued send will carry this count
+            self._queued = True
+        self._sender.submit(self._send)
+
+    def _send(self) -> None:
+        with self._lock:
+            done, self._queued = self.done, False
+        progress, description = self._percent(done), self._description(done)
+        if self.id is None:
+            self.id = create_progress_artifact(
+                progress=progress, key=f"okedit-{self.stage}-progress", description=description
+            )
+        else:
+            update_progress_artifact(self.id, progress=progress, description=description)
 
 
 def reject_reasons(rejected_jsonl: Path) -> list[dict[str, Any]]:

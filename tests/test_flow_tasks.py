@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -184,3 +185,78 @@ def test_publish_stage_retries_a_dropped_connection(runs):
     assert summary["hub"]["commit_url"] == "https://hub.test/commit/abc"
     assert summary["hub"]["rows"] == summary["counts"]["published"]
     assert "README.md" in hub.files and any(f.startswith("data/") for f in hub.files)
+
+
+# ---- artifact calls off the flow's thread ------------------------------------------------
+
+
+def test_progress_artifact_calls_coalesce_in_the_background(monkeypatch):
+    """While a call is in flight, newer counts replace each other: the artifact gets the
+    first and the last value, in order, and the caller never waits."""
+    calls: list[tuple] = []
+    entered, release = threading.Event(), threading.Event()
+
+    def create(progress, key, description):
+        entered.set()
+        release.wait(5)  # a slow API
+        calls.append(("create", progress))
+        return "artifact-id"
+
+    def update(artifact_id, progress, description):
+        calls.append(("update", artifact_id, progress))
+
+    monkeypatch.setattr(tasks, "create_progress_artifact", create)
+    monkeypatch.setattr(tasks, "update_progress_artifact", update)
+    with tasks.ArtifactSender() as sender:
+        progress = tasks.StageProgress("images", 4, min_interval_s=0, sender=sender)
+        assert entered.wait(5)
+        started = time.monotonic()
+        for done in (1, 2, 3, 4):
+            progress.update(done)
+        assert time.monotonic() - started < 1  # nothing blocked on the slow create
+        release.set()
+    assert calls == [("create", 0.0), ("update", "artifact-id", 100.0)]
+
+
+def test_a_stage_that_ends_before_its_artifact_is_sent_costs_one_call(monkeypatch):
+    calls: list[tuple] = []
+    monkeypatch.setattr(tasks, "create_progress_artifact", lambda **kw: calls.append(kw) or "x")
+    monkeypatch.setattr(tasks, "update_progress_artifact", lambda *a, **kw: calls.append(kw))
+    blocker = threading.Event()
+    with tasks.ArtifactSender() as sender:
+        sender.submit(blocker.wait, 5)  # the sender is busy with an earlier call
+        progress = tasks.StageProgress("annotate", 3, sender=sender)
+        progress.update(3)
+        blocker.set()
+    assert [c["progress"] for c in calls] == [100.0]
+    assert calls[0]["key"] == "okedit-annotate-progress"
+
+
+def test_artifact_sender_raises_a_failed_call_unless_the_flow_failed():
+    def boom():
+        raise ConnectionError("API down")
+
+    with pytest.raises(ConnectionError):
+        with tasks.ArtifactSender() as sender:
+            sender.submit(boom)
+    with pytest.raises(ValueError, match="the flow's own error"):
+        with tasks.ArtifactSender() as sender:
+            sender.submit(boom)
+            raise ValueError("the flow's own error")
+
+
+def test_background_artifacts_belong_to_the_flow_run(prefect_api):
+    """Calls made on the sender's thread see the flow run's context."""
+    from prefect.artifacts import create_markdown_artifact
+
+    @flow
+    def report() -> str:
+        from prefect.runtime import flow_run
+
+        with tasks.ArtifactSender() as sender:
+            sender.submit(create_markdown_artifact, key="okedit-test-sender", markdown="hi")
+        return flow_run.id
+
+    state = report(return_state=True)
+    found = _artifacts(state.state_details.flow_run_id)
+    assert found["okedit-test-sender"].data == "hi"
