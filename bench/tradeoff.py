@@ -245,10 +245,16 @@ def goal_met(row: dict[str, float], locality: str) -> bool:
     )
 
 
+def _config(model: str, **overrides) -> EditorConfig:
+    """The model's preset + `overrides`; teacher-forced metrics only (greedy generation of
+    every probe would triple the run and is reported by the validate stage instead)."""
+    return EditorConfig.for_model(model, generate_answers=False, **overrides)
+
+
 def variant_configurations(model: str) -> dict[str, EditorConfig]:
     """BalancEdit with every key variant x negative; edit strength from the model preset."""
     return {
-        f"{variant} / {neg}": EditorConfig.for_model(model, key_variant=variant, negative=neg)
+        f"{variant} / {neg}": _config(model, key_variant=variant, negative=neg)
         for variant in VARIANTS
         for neg in NEGATIVES
     }
@@ -257,10 +263,10 @@ def variant_configurations(model: str) -> dict[str, EditorConfig]:
 def text_negative_configurations(model: str) -> dict[str, EditorConfig]:
     """Sensitivity to which text negative sets the text radius: the last (default) or the
     first, near-miss image negative; the reference (no text negative) as the baseline."""
-    configs = {"reference / near_miss": EditorConfig.for_model(model)}
+    configs = {"reference / near_miss": _config(model)}
     for variant in KEY_VARIANTS:
         for index, name in ((-1, "last"), (0, "first")):
-            configs[f"{variant} / near_miss / text neg {name}"] = EditorConfig.for_model(
+            configs[f"{variant} / near_miss / text neg {name}"] = _config(
                 model, key_variant=variant, train_text_negative=index
             )
     return configs
@@ -269,14 +275,14 @@ def text_negative_configurations(model: str) -> dict[str, EditorConfig]:
 def configurations(model: str) -> dict[str, EditorConfig]:
     """Every editor setting of the experiment, named; edit strength from the model preset."""
     configs = {
-        f"BalancEdit {pool} / {neg}": EditorConfig.for_model(model, key_pooling=pool, negative=neg)
+        f"BalancEdit {pool} / {neg}": _config(model, key_pooling=pool, negative=neg)
         for pool in POOLINGS
         for neg in NEGATIVES
     }
-    configs["GRACE (last token, eps 1.0)"] = EditorConfig.for_model(model, editor="grace")
-    configs["FT (no routing)"] = EditorConfig.for_model(model, editor="ft")
+    configs["GRACE (last token, eps 1.0)"] = _config(model, editor="grace")
+    configs["FT (no routing)"] = _config(model, editor="ft")
     for alpha in ALPHAS:
-        configs[f"alpha {alpha:g}"] = EditorConfig.for_model(model, alpha=alpha)
+        configs[f"alpha {alpha:g}"] = _config(model, alpha=alpha)
     return configs
 
 
