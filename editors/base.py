@@ -214,21 +214,34 @@ class Editor(ABC):
             return capture.rows([row])
         return self.adapter.capture(edit_batch, self.path)
 
-    def _train(self, placement: Placement, batch: Batch, capture: Capture | None) -> list[float]:
+    def training_targets(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        """(rows, positions, token ids) the edit is trained on: the target tokens, and with
+        `edit_eos` the end-of-sequence token predicted from the last target token, so the
+        edited answer stops (trained on the target alone, greedy decoding of a routed
+        sequence tends to repeat it: "riga riga riga ...")."""
         rows, pos = batch.target_mask.nonzero(as_tuple=True)
         targets = batch.labels[rows, pos]
+        eos = self.adapter.tokenizer.eos_token_id
+        if not self.config.edit_eos or eos is None:
+            return rows, pos, targets
+        ends = torch.stack([pos[rows == r].max() + 1 for r in rows.unique()])
+        rows = torch.cat([rows, rows.unique()])
+        pos = torch.cat([pos, ends])
+        return rows, pos, torch.cat([targets, torch.full_like(ends, eos)])
+
+    def _train(self, placement: Placement, batch: Batch, capture: Capture | None) -> list[float]:
+        rows, pos, targets = self.training_targets(batch)
         route = torch.tensor([placement.index], device=targets.device)
         if capture is not None:
-            return self._optimize(placement.index, lambda: self._tail_loss(capture, batch, route))
+            return self._optimize(
+                placement.index,
+                lambda: _loss(self.tail_logits(capture, batch, route, rows, pos), targets),
+            )
         with self.applied(batch, force_entry=placement.index):
             return self._optimize(
                 placement.index,
                 lambda: _loss(self.adapter.logits(batch)[rows, pos], targets),
             )
-
-    def _tail_loss(self, capture: Capture, batch: Batch, route: Tensor) -> Tensor:
-        rows, pos = batch.target_mask.nonzero(as_tuple=True)
-        return _loss(self.tail_logits(capture, batch, route, rows, pos), batch.labels[rows, pos])
 
     def _optimize(self, entry: int, loss_fn: Callable[[], Tensor]) -> list[float]:
         """Adam on the entry's parameters; all other weights are frozen."""

@@ -119,6 +119,9 @@ class EditorConfig(BaseModel):
     steps: int = Field(default=50, ge=0)
     adam_eps: float = Field(default=1e-4, gt=0.0)
     # Stop training early once the teacher-forced target loss falls below this value.
+    # Also train the end-of-sequence token after the target (not in the paper or EasyEdit,
+    # whose metrics are teacher-forced): without it edited greedy answers often do not stop.
+    edit_eos: bool = False
     target_loss_stop: float | None = Field(default=None, gt=0.0)
     grace_epsilon: float = Field(default=1.0, gt=0.0)  # GRACE's fixed initial radius
     sequential: bool = False  # keep the codebook across edits instead of restoring

@@ -97,6 +97,20 @@ def test_fast_and_slow_validation_agree(adapter: VLMAdapter) -> None:
         assert (a.pre_answer, a.post_answer) == (b.pre_answer, b.post_answer)
 
 
+def test_edit_eos_trains_the_stop_after_the_target(adapter: VLMAdapter) -> None:
+    record = make_record()
+    editor = make_editor(adapter, tiny_config(edit_eos=True))
+    batch = adapter.build_inputs([record.image], [record.question], [record.target])
+    rows, pos, targets = editor.training_targets(batch)
+    n = int(batch.target_mask.sum())
+    assert len(targets) == n + 1 and int(targets[-1]) == adapter.tokenizer.eos_token_id
+    assert int(pos[-1]) == int(batch.attention_mask[0].sum()) - 1  # the last target token
+    fast = validate_record(record, editor)
+    slow = validate_record(record, make_editor(adapter, tiny_config(edit_eos=True, fast=False)))
+    assert [p.post_answer for p in fast.probes] == [p.post_answer for p in slow.probes]
+    assert [p.routed for p in fast.probes] == [p.routed for p in slow.probes]
+
+
 @pytest.mark.parametrize("editor", ["grace", "ft"])
 def test_baselines_produce_verdicts(adapter: VLMAdapter, editor: str) -> None:
     validation = validate_record(make_record(), make_editor(adapter, tiny_config(editor=editor)))

@@ -15,7 +15,7 @@ from pipeline.offline_annotator import FlagworldAnnotator
 from pipeline.sources.flagworld import FlagworldSource
 from schemas.record import OkeditRecord, Rejection
 
-N_ITEMS = 3
+N_ITEMS = 6  # the 6th (NL -> Riga) does not stop without `edit_eos`
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,12 @@ def tiny() -> VLMAdapter:
 def test_default_validation_edits_and_answers(records, tiny) -> None:
     settings = ValidateSettings()
     config = settings.editor_settings()
-    assert (config.key_variant, config.preset, config.lr) == ("last_prompt", "tiny-flagworld", 1e-2)
+    assert (config.key_variant, config.preset, config.lr, config.edit_eos) == (
+        "last_prompt",
+        "tiny-flagworld",
+        1e-2,
+        True,
+    )
     editor = make_editor(tiny, config)
     for record in records:
         validation = validate_record(record, editor, "tiny-flagworld")
@@ -54,7 +59,9 @@ def test_default_validation_edits_and_answers(records, tiny) -> None:
         # The clean model knows the fact; the edited one answers the counterfactual target.
         assert normalize_answer(edit.pre_answer) == normalize_answer(record.original_answer)
         assert edit.pre_accuracy == 0.0 and edit.post_accuracy == 1.0
-        assert edit.post_answer.lower().startswith(record.target.lower())
+        # Trained to stop after the target, the edited model's greedy answer is the target.
+        assert normalize_answer(edit.post_answer) == normalize_answer(record.target)
+        assert validation.metrics.gen_reliability == validation.metrics.reliability == 1.0
         assert validation.metrics.gen_locality >= 0 and validation.metrics.hm >= 0
 
 
@@ -67,3 +74,17 @@ def test_reference_key_is_ambiguous_only_across_families(records, tiny) -> None:
         validation = validate_record(record, editor)
         assert validation.verdict == "ambiguous"
         assert "text_negative" in validation.reason.split(";")[0]
+
+
+def test_without_the_stop_token_edited_answers_repeat(records, tiny) -> None:
+    """The paper's objective trains the target tokens only: a routed sequence then keeps
+    producing the target (measured: 30 % of 20 capital edits)."""
+    settings = ValidateSettings(editor={"edit_eos": False})
+    editor = make_editor(tiny, settings.editor_settings())
+    answers = [validate_record(r, editor).probes[0].post_answer for r in records]
+    stopping = ValidateSettings().editor_settings()
+    editor = make_editor(tiny, stopping)
+    stopped = [validate_record(r, editor).probes[0].post_answer for r in records]
+    assert all(a.split()[0] == s for a, s in zip(answers, stopped, strict=True))
+    assert all(len(s.split()) == 1 for s in stopped)
+    assert any(len(a.split()) > 1 for a in answers)  # some did not stop
