@@ -215,24 +215,30 @@ def random_adapter(
     vision_overrides: dict[str, Any] | None = None,
     prompt_template: str = TEMPLATE,
     config_overrides: dict[str, Any] | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> VLMAdapter:
     """A tiny random model of `family` (llava, blip2, qwen2_vl, idefics3, smolvlm) in eval
-    mode on CPU, with a word-level tokenizer trained on `corpus`. `config_overrides` set
-    top-level config fields (e.g. BLIP-2's `num_query_tokens`)."""
+    mode, with a word-level tokenizer trained on `corpus`. `config_overrides` set top-level
+    config fields (e.g. BLIP-2's `num_query_tokens`). The weights are created directly on
+    `device` in `dtype` (a multi-billion-parameter shape never exists in CPU fp32)."""
     tok = word_tokenizer(
         corpus + [prompt_template.replace("{image}", " ").replace("{question}", " ")]
     )
     text, vision = dict(text_overrides or {}), dict(vision_overrides or {})
     torch.manual_seed(seed)
     top = dict(config_overrides or {})
-    if family == "llava":
-        model, processor = _llava(tok, text, vision, top)
-    elif family == "blip2":
-        model, processor = _blip2(tok, text, vision, top)
-    elif family == "qwen2_vl":
-        model, processor = _qwen2_vl(tok, text, vision, top)
-    elif family in ("idefics3", "smolvlm"):
-        model, processor = _idefics(family, tok, text, vision, top)
-    else:
+    builders = {"llava": _llava, "blip2": _blip2, "qwen2_vl": _qwen2_vl}
+    if family not in (*builders, "idefics3", "smolvlm"):
         raise ValueError(f"no random builder for family {family!r}")
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            if family in builders:
+                model, processor = builders[family](tok, text, vision, top)
+            else:
+                model, processor = _idefics(family, tok, text, vision, top)
+    finally:
+        torch.set_default_dtype(default_dtype)
     return make_adapter(model.eval(), tok, processor, family, prompt_template)
