@@ -183,3 +183,9 @@ def test_processor_style_template_and_tiny_vlm_folder(tmp_path) -> None:
     expected = processor(images=[RED], text=[f"<image> {question}"], return_tensors="pt")
     n = int(batch.prompt_lengths[0])
     assert batch.input_ids[0, :n].tolist() == expected["input_ids"][0].tolist()
+
+
+def test_random_models_are_built_in_the_requested_dtype() -> None:
+    adapter = random_adapter("blip2", CORPUS, dtype=torch.bfloat16)
+    assert {p.dtype for p in adapter.model.parameters()} == {torch.bfloat16}
+    assert torch.get_default_dtype() == torch.float32  # restored for everything else
