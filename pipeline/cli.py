@@ -37,8 +37,8 @@ def _fail(message: str) -> None:
 def _friendly(exc: Exception) -> str:
     if isinstance(exc, ValidationError):
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        return f"invalid {where}: {first['msg']}"
+        where = ".".join(str(p) for p in first["loc"]) or "setting"
+        return f"invalid {where}: {first['msg'].removeprefix('Value error, ')}"
     return str(exc) or type(exc).__name__
 
 

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from editors.config import EditorConfig, ModelConfig
 from pipeline.quality import QualityConfig
@@ -127,6 +127,18 @@ class ValidateSettings(BaseModel):
             )
         return ModelConfig(model=self.model, device=self.device, dtype=self.dtype)
 
+    @model_validator(mode="after")
+    def _editor_settings_build(self) -> ValidateSettings:
+        """A bad editor setting fails with the config, in one line, before any work."""
+        try:
+            self.editor_settings()
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "editor"
+            message = first["msg"].removeprefix("Value error, ")
+            raise ValueError(f"editor setting {where}: {message}") from None
+        return self
+
     def editor_settings(self) -> EditorConfig:
         defaults: dict[str, Any] = {"edit_eos": VALIDATION_EDIT_EOS}
         if self.editor.get("editor", "balancedit") == "balancedit":
@@ -168,8 +180,14 @@ class BuildConfig(BaseModel):
     scale: ScaleSettings = Field(default_factory=ScaleSettings)
 
     def describe(self) -> dict:
-        """The settings that define the dataset (no paths of this machine, no secrets)."""
-        return self.model_dump(mode="json", exclude={"out", "cache_dir", "publish", "scale"})
+        """The settings that define the dataset (no paths of this machine, no secrets), with
+        the editor settings as resolved (defaults and model preset included), so that a
+        change of defaults is a different build, never a resume of stale validations."""
+        described = self.model_dump(mode="json", exclude={"out", "cache_dir", "publish", "scale"})
+        if self.validation.enabled:
+            resolved = self.validation.editor_settings().model_dump(mode="json")
+            described["validation"]["resolved_editor"] = resolved
+        return described
 
     def fingerprint(self) -> str:
         blob = json.dumps(self.describe(), sort_keys=True).encode()

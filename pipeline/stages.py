@@ -11,8 +11,6 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from functools import lru_cache
 
-from pydantic import ValidationError
-
 from pipeline.build import build_records
 from pipeline.config import BuildConfig
 from pipeline.work import WorkDir
@@ -88,12 +86,6 @@ def preflight(cfg: BuildConfig) -> None:
     _image_backend(config_json)
     if cfg.validation.enabled:
         cfg.validation.model_settings().torch_device()
-        try:
-            cfg.validation.editor_settings()
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "editor"
-            raise ConfigError(f"validation editor setting {where}: {first['msg']}") from exc
 
 
 def list_ids(cfg: BuildConfig) -> list[str]:

@@ -88,3 +88,25 @@ def test_without_the_stop_token_edited_answers_repeat(records, tiny) -> None:
     assert all(a.split()[0] == s for a, s in zip(answers, stopped, strict=True))
     assert all(len(s.split()) == 1 for s in stopped)
     assert any(len(a.split()) > 1 for a in answers)  # some did not stop
+
+
+def test_resolved_editor_settings_define_the_build(monkeypatch) -> None:
+    """A change of the validate stage's defaults makes a different build (refused in an old
+    folder) instead of resuming chunks validated under the old settings."""
+    from pipeline import config as config_module
+    from pipeline.config import BuildConfig
+
+    cfg = BuildConfig()
+    resolved = cfg.describe()["validation"]["resolved_editor"]
+    assert (resolved["key_variant"], resolved["edit_eos"], resolved["lr"]) == (
+        "last_prompt",
+        True,
+        1e-2,
+    )
+    before = cfg.fingerprint()
+    monkeypatch.setattr(config_module, "VALIDATION_EDIT_EOS", False)
+    assert BuildConfig().fingerprint() != before
+    assert (
+        BuildConfig(validation={"enabled": False}).describe()["validation"].get("resolved_editor")
+        is None
+    )
