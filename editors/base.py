@@ -224,9 +224,9 @@ class Editor(ABC):
         eos = self.adapter.tokenizer.eos_token_id
         if not self.config.edit_eos or eos is None:
             return rows, pos, targets
-        ends = torch.stack([pos[rows == r].max() + 1 for r in rows.unique()])
-        rows = torch.cat([rows, rows.unique()])
-        pos = torch.cat([pos, ends])
+        trained = rows.unique()
+        ends = torch.stack([pos[rows == r].max() + 1 for r in trained])
+        rows, pos = torch.cat([rows, trained]), torch.cat([pos, ends])
         return rows, pos, torch.cat([targets, torch.full_like(ends, eos)])
 
     def _train(self, placement: Placement, batch: Batch, capture: Capture | None) -> list[float]:

@@ -96,15 +96,15 @@ def item_metrics(probes: Sequence[ProbeResult], hm_locality: str = "agreement") 
     def post(kind: str) -> float:
         return mean_or_missing(p.post_accuracy for p in probes if p.kind == kind)
 
+    def measured(kind: str, field: str) -> float:
+        values = (getattr(p, field) for p in probes if p.kind == kind)
+        return mean_or_missing(v for v in values if v >= 0)
+
     def agree(kind: str) -> float:
-        return mean_or_missing(p.agreement for p in probes if p.kind == kind and p.agreement >= 0)
+        return measured(kind, "agreement")
 
     def generated(kind: str) -> float:
-        return mean_or_missing(
-            p.post_generation_match
-            for p in probes
-            if p.kind == kind and p.post_generation_match >= 0
-        )
+        return measured(kind, "post_generation_match")
 
     metrics = EditMetrics(
         reliability=post("edit"),

@@ -332,21 +332,20 @@ AMBIGUITY_FAMILIES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # same image, another question: rephrases vs text negatives
     "text": (("rephrase", "train_pos"), ("text_negative", "train_text_neg")),
 }
+# ambiguity == "all": every positive against every negative
+ALL_PROBES = {
+    "all": (
+        tuple(kind for positives, _ in AMBIGUITY_FAMILIES.values() for kind in positives),
+        tuple(kind for _, negatives in AMBIGUITY_FAMILIES.values() for kind in negatives),
+    )
+}
 
 
 def _ambiguity(results: list[ProbeResult], negative: str, scope: str = "family") -> str:
     """'' or why a negative is closer to the key than some positive (of its family, or of
     any family when `scope` is "all"). The black/white training image is no near miss."""
     excluded = () if negative == "near_miss" else ("train_neg",)
-    if scope == "all":
-        families = {
-            "all": (
-                tuple(k for fam in AMBIGUITY_FAMILIES.values() for k in fam[0]),
-                tuple(k for fam in AMBIGUITY_FAMILIES.values() for k in fam[1]),
-            )
-        }
-    else:
-        families = AMBIGUITY_FAMILIES
+    families = ALL_PROBES if scope == "all" else AMBIGUITY_FAMILIES
     found = []
     for family, (positive_kinds, negative_kinds) in families.items():
         positives = [p for p in results if p.kind in positive_kinds]

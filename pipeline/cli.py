@@ -36,9 +36,9 @@ def _fail(message: str) -> None:
 
 def _friendly(exc: Exception) -> str:
     if isinstance(exc, ValidationError):
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "setting"
-        return f"invalid {where}: {first['msg'].removeprefix('Value error, ')}"
+        from pipeline.config import first_error
+
+        return f"invalid {first_error(exc)}"
     return str(exc) or type(exc).__name__
 
 

@@ -89,6 +89,13 @@ class ImageSettings(BaseModel):
         return self
 
 
+def first_error(exc: ValidationError, default_where: str = "setting") -> str:
+    """`where: why` of a pydantic error's first problem, in one line."""
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or default_where
+    return f"{where}: {first['msg'].removeprefix('Value error, ')}"
+
+
 TINY_MODEL = "tiny-flagworld"  # the VLM shipped in editors/assets, trained on the flagworld
 
 
@@ -133,10 +140,7 @@ class ValidateSettings(BaseModel):
         try:
             self.editor_settings()
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "editor"
-            message = first["msg"].removeprefix("Value error, ")
-            raise ValueError(f"editor setting {where}: {message}") from None
+            raise ValueError(f"editor setting {first_error(exc, 'editor')}") from None
         return self
 
     def editor_settings(self) -> EditorConfig:

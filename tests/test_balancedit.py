@@ -18,6 +18,7 @@ from editors.codebook import balanced_radius
 from editors.config import EditorConfig
 from editors.ft import FineTune
 from editors.grace import Grace
+from tests.edit_paths import edit_and_probe
 
 CORPUS = [
     "what is the capital of this country",
@@ -117,26 +118,6 @@ def test_restore_is_bit_exact(llava: VLMAdapter, editor_cls: type[Editor]) -> No
     assert len(editor.codebook) == 0
 
 
-def _post(editor: Editor, adapter: VLMAdapter, fast: bool):
-    probes = _probes(adapter)
-    capture = adapter.capture(probes, editor.path) if fast else None
-    pre = editor.clean_target_logits(probes, capture)
-    outcome = editor.edit(REQUEST)
-    if fast:
-        routed = editor.evaluate(probes, capture)
-    else:
-        singles = [adapter.select(probes, [b]) for b in range(probes.size)]
-        results = [editor.evaluate(s) for s in singles]
-        routed = type(results[0])(
-            [r.target_logits[0] for r in results],
-            torch.cat([r.distances for r in results]),
-            torch.cat([r.entry for r in results]),
-            torch.cat([r.parts for r in results]),
-        )
-    editor.restore()
-    return pre, outcome, routed
-
-
 @pytest.mark.parametrize(
     ("family", "editor_cls", "layer"),
     [
@@ -159,7 +140,7 @@ def test_fast_and_slow_paths_agree(
             config = config.model_copy(update=STRONG)
         editor = editor_cls(adapter, config)
         assert editor.fast == fast
-        results[fast] = _post(editor, adapter, fast)
+        results[fast] = edit_and_probe(editor, _probes(adapter), REQUEST)
     (pre_f, out_f, post_f), (pre_s, out_s, post_s) = results[True], results[False]
     assert out_f.radii[0].epsilon == pytest.approx(out_s.radii[0].epsilon, rel=1e-5)
     assert out_f.losses == pytest.approx(out_s.losses, rel=1e-4, abs=1e-5)

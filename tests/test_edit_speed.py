@@ -19,6 +19,7 @@ from editors.adapters.random_models import random_adapter
 from editors.balancedit import BalancEdit
 from editors.base import EditRequest, Prompt
 from editors.config import EditorConfig
+from tests.edit_paths import edit_and_probe
 
 CORPUS = [
     "what is the capital of this country",
@@ -106,19 +107,8 @@ def test_no_sharing_below_the_last_layer_or_before_the_image(
 
 def _edit_and_probe(adapter: VLMAdapter, fast: bool):
     editor = BalancEdit(adapter, EditorConfig(fast=fast, lr=1e-2, steps=20))
-    probes = _probes(adapter)
-    capture = adapter.capture(probes, editor.path) if fast else None
-    pre = editor.clean_target_logits(probes, capture)
-    outcome = editor.edit(REQUEST)
-    if fast:
-        routed = editor.evaluate(probes, capture)
-        post, distances = routed.target_logits, routed.distances
-    else:
-        singles = [editor.evaluate(adapter.select(probes, [b])) for b in range(probes.size)]
-        post = [r.target_logits[0] for r in singles]
-        distances = torch.cat([r.distances for r in singles])
-    editor.restore()
-    return pre, outcome, post, distances
+    pre, outcome, routed = edit_and_probe(editor, _probes(adapter), REQUEST)
+    return pre, outcome, routed.target_logits, routed.distances
 
 
 @pytest.mark.parametrize("family", ["blip2", "llava", "idefics3"])
