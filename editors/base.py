@@ -326,15 +326,35 @@ class Editor(ABC):
         """Edited logits at (rows, pos) from the cached module input and residual."""
         last_prompt = batch.last_prompt
         if capture.per_position:
-            x = capture.x[rows, pos]
-            out = self.edited_output(x, rows, pos, route, last_prompt)
-            return self.adapter.head(capture.resid[rows, pos] + out.to(capture.resid.dtype))
+            x, resid = capture.x[rows, pos], capture.resid[rows, pos]
+            return self.position_logits(x, resid, rows, pos, route, last_prompt)
         b, t = capture.x.shape[:2]
         grid_rows = torch.arange(b, device=capture.x.device).unsqueeze(1).expand(b, t)
         grid_pos = torch.arange(t, device=capture.x.device).unsqueeze(0).expand(b, t)
         out = self.edited_output(capture.x, grid_rows, grid_pos, route, last_prompt)
         hidden = self.adapter.run_later(capture, capture.resid + out.to(capture.resid.dtype))
         return self.adapter.head(hidden[rows, pos])
+
+    def position_logits(
+        self,
+        x: Tensor,
+        resid: Tensor,
+        rows: Tensor,
+        pos: Tensor,
+        route: Tensor,
+        last_prompt: Tensor,
+    ) -> Tensor:
+        """Edited logits at single positions (the module in the last decoder layer): x and the
+        residual (N, H) at (rows, pos), routed by `route` (B,)."""
+        out = self.edited_output(x, rows, pos, route, last_prompt)
+        return self.adapter.head(resid + out.to(resid.dtype))
+
+    def generation_route(self, batch: Batch, capture: Capture) -> Tensor:
+        """(B,) entry of each row when generating: keys pooled over the prompt alone, as the
+        wrapper does on a prompt-only forward (-1 = original module)."""
+        masks = [mask & batch.prompt_mask for mask in self.key_masks(batch)]
+        _, route = self.codebook.route(pool_key_parts(capture.x, masks))
+        return route
 
     @torch.no_grad()
     def generate(self, batch: Batch, max_new_tokens: int = 8) -> list[str]:

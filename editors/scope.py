@@ -39,11 +39,19 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from editors.adapters.base import Batch, ImageLike, TargetEncodingError, VLMAdapter, to_pil
+from editors.adapters.base import (
+    Batch,
+    Capture,
+    ImageLike,
+    TargetEncodingError,
+    VLMAdapter,
+    to_pil,
+)
 from editors.balancedit import BalancEdit
 from editors.base import Editor, EditOutcome, EditRequest, Prompt, Routed
 from editors.codebook import relative_distance
 from editors.config import EditorConfig
+from editors.decoding import greedy_answers
 from editors.ft import FineTune
 from editors.grace import Grace
 from editors.metrics import (
@@ -181,16 +189,21 @@ class _Run:
     post_answers: list[str] | None = None  # ... edited model
 
 
-def generated_answers(editor: Editor, batch: Batch, edited: bool) -> list[str] | None:
-    """Greedy answers to every probe's prompt (None when `generate_answers` is off). The clean
-    side runs the adapter without the wrapper, so earlier sequential edits do not leak in."""
+def generated_answers(
+    editor: Editor, batch: Batch, edited: bool, capture: Capture | None = None
+) -> list[str] | None:
+    """Greedy answers to every probe's prompt (None when `generate_answers` is off): decoded
+    from a capture with a KV cache (fast path, `editors.decoding`), else one `generate` per
+    row. The clean side runs without the wrapper, so earlier sequential edits do not leak in."""
     config = editor.config
     if not config.generate_answers:
         return None
     # One token past the longest expected answer shows whether an answer stops; more only
-    # costs decode steps (one per token and probe, the validation's largest cost on CPU).
+    # costs decode steps.
     longest = int(batch.target_mask.sum(dim=1).max())
     max_new_tokens = min(config.max_new_tokens, longest + 1)
+    if capture is not None and capture.kv is not None:
+        return greedy_answers(editor, batch, capture, edited, max_new_tokens)
     if edited:
         return editor.generate(batch, max_new_tokens)
     return editor.adapter.generate(batch, max_new_tokens)
@@ -208,9 +221,11 @@ def run_probes(editor: Editor, probes: list[Probe], request: EditRequest) -> _Ru
         [p.image for p in probes], [p.question for p in probes], [p.expected for p in probes]
     )
     targets = [batch.labels[b][batch.target_mask[b]] for b in range(batch.size)]
-    pre_answers = generated_answers(editor, batch, edited=False)
+    capture = None
     if editor.fast:
-        capture = adapter.capture(batch, editor.path)
+        capture = adapter.capture(batch, editor.path, keep_kv=editor.config.generate_answers)
+    pre_answers = generated_answers(editor, batch, edited=False, capture=capture)
+    if capture is not None:
         pre = editor.clean_target_logits(batch, capture)
         kinds = [p.kind for p in probes]
         used = [k for k in RADIUS_KINDS if k in kinds] if editor.uses_radius_probes else ["edit"]
@@ -234,7 +249,7 @@ def run_probes(editor: Editor, probes: list[Probe], request: EditRequest) -> _Ru
         targets=targets,
         outcome=outcome,
         pre_answers=pre_answers,
-        post_answers=generated_answers(editor, batch, edited=True),
+        post_answers=generated_answers(editor, batch, edited=True, capture=capture),
     )
 
 

@@ -110,3 +110,19 @@ def test_resolved_editor_settings_define_the_build(monkeypatch) -> None:
         BuildConfig(validation={"enabled": False}).describe()["validation"].get("resolved_editor")
         is None
     )
+
+
+def test_decoded_answers_equal_row_by_row_generation(records, tiny) -> None:
+    """The fast path decodes every probe's answer from the capture's KV cache, in one batch;
+    the slow path calls `generate` per probe: same greedy answers, clean and edited."""
+    answers = {}
+    for fast in (True, False):
+        editor = make_editor(tiny, ValidateSettings(editor={"fast": fast}).editor_settings())
+        answers[fast] = [
+            [(p.pre_answer, p.post_answer) for p in validate_record(r, editor).probes]
+            for r in records[:3]
+        ]
+    assert answers[True] == answers[False]
+    pairs = [pair for item in answers[True] for pair in item]
+    assert sum(pre != post for pre, post in pairs) >= 3  # the edits change answers
+    assert len({pre for pre, _ in pairs}) >= 3  # and the clean answers differ between probes

@@ -111,6 +111,9 @@ class Capture:
     resid: Tensor  # (B, T, H) residual stream its output is added to
     later: list[tuple[nn.Module, tuple[Any, ...], dict[str, Any]]]  # decoder layers after it
     final_hidden: Tensor  # (B, T, H) the clean model's lm_head input
+    # Per decoder layer, the clean keys and values (B, heads, T, d), kept for decoding
+    # (`capture(keep_kv=True)`): an edit of the last layer's residual writer changes no KV.
+    kv: list[tuple[Tensor, Tensor]] | None = None
 
     @property
     def per_position(self) -> bool:
@@ -188,6 +191,9 @@ class VLMAdapter:
     shares_prefix: ClassVar[bool] = True
     # ... when that saves at least this many positions (each group costs two more forwards).
     prefix_min_saved: ClassVar[int] = 16
+    # Greedy answers may decode from a capture's KV cache (`decode_step`): needs positions
+    # that are plain token counts (not Qwen2-VL's M-RoPE).
+    decodes_from_cache: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -449,7 +455,7 @@ class VLMAdapter:
         """Full forward: logits (B, T, V)."""
         return self.model(**self.model_inputs(batch, encode_once), use_cache=False).logits
 
-    def capture(self, batch: Batch, module_path: str) -> Capture:
+    def capture(self, batch: Batch, module_path: str, keep_kv: bool = False) -> Capture:
         """One clean pass (no grad) recording what the fast path needs; see `Capture`.
 
         Each unique image goes through the vision tower once. When the wrapped module sits in
@@ -459,7 +465,7 @@ class VLMAdapter:
         rows run as one plain batch. The results equal the plain batched forward up to float
         rounding: causal attention makes a prefix's states independent of what follows it.
         Below the last layer the later layers are replayed on whole rows, so the batch runs
-        as one plain forward.
+        as one plain forward. `keep_kv` also keeps every layer's KV cache (last layer only).
         """
         layer_index = self.layer_index(module_path)
         if layer_index is None or not self.supports_tail(module_path):
@@ -470,11 +476,16 @@ class VLMAdapter:
         with torch.no_grad():
             features = self.image_features(self._cast(batch.pixel))
             last = layer_index == len(self.layers()) - 1
+            keep_kv = keep_kv and last and self.decodes_from_cache
             groups = self.prefix_groups(batch) if last else []
             if not groups:
-                record = self._recorded(module_path, lambda: self._forward(batch, features))
-                return Capture(record["x"], record["resid"], record["later"], record["final"])
-            return self._shared_capture(batch, module_path, features, groups)
+                cache = self._cache_kwargs(self.model) if keep_kv else {}
+                record = self._recorded(
+                    module_path, lambda: self._forward(batch, features, **cache)
+                )
+                kv = _kv_of(cache) if keep_kv else None
+                return Capture(record["x"], record["resid"], record["later"], record["final"], kv)
+            return self._shared_capture(batch, module_path, features, groups, keep_kv)
 
     def prefix_groups(self, batch: Batch) -> list[tuple[list[int], int]]:
         """(rows, prefix length) of row groups that show the same image and share their first
@@ -505,9 +516,11 @@ class VLMAdapter:
         module_path: str,
         features: list[Tensor],
         groups: list[tuple[list[int], int]],
+        keep_kv: bool = False,
     ) -> Capture:
         b, t = batch.input_ids.shape
         out: dict[str, Tensor] = {}
+        kv = _KVAssembly(b, t) if keep_kv else None
 
         def put(name: str, rows: list[int], start: int, value: Tensor) -> None:
             if name not in out:
@@ -518,35 +531,34 @@ class VLMAdapter:
         plain = [r for r in range(b) if r not in shared]
         if plain:
             sub = self.select(batch, plain)
-            record = self._recorded(
-                module_path, lambda: self._forward(sub, _sub_features(batch, plain, features))
-            )
+            cache = self._cache_kwargs(self.model) if kv else {}
+            sub_features = _sub_features(batch, plain, features)
+            record = self._recorded(module_path, lambda: self._forward(sub, sub_features, **cache))
             for name in ("x", "resid", "final"):
                 put(name, plain, 0, record[name])
+            if kv:
+                kv.put(plain, _kv_of(cache))
         for rows, prefix in groups:
-            head, tail = self._group_records(batch, module_path, features, rows, prefix)
+            head, tail, group_kv = self._group_records(batch, module_path, features, rows, prefix)
             for name in ("x", "resid", "final"):
                 put(name, rows, 0, head[name].expand(len(rows), -1, -1))
                 put(name, rows, prefix, tail[name])
-        return Capture(out["x"], out["resid"], [], out["final"])
+            if kv:
+                kv.put(rows, group_kv)
+        return Capture(out["x"], out["resid"], [], out["final"], kv.layers if kv else None)
 
     def _group_records(
         self, batch: Batch, module_path: str, features: list[Tensor], rows: list[int], prefix: int
-    ) -> tuple[dict[str, Any], dict[str, Any]]:
+    ) -> tuple[dict[str, Any], dict[str, Any], list[tuple[Tensor, Tensor]]]:
         """Records of a group's shared prefix (one row, with its image) and of its rows'
-        suffixes (the text model alone, on the prefix's KV cache repeated over the rows)."""
-        from transformers import DynamicCache
-
+        suffixes (the text model alone, on the prefix's KV cache repeated over the rows),
+        and the rows' KV cache."""
         head = self.select(batch, rows[:1])
         ids, mask = head.input_ids[:, :prefix], head.attention_mask[:, :prefix]
         head = replace(head, input_ids=ids, attention_mask=mask, extra=self.extra_inputs(ids, mask))
-        body = self.model.get_submodule(self.layers_path.rsplit(".", 1)[0])
-        # transformers 5 renamed `past_key_values` to `cache`
-        name = (
-            "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
-        )
-        cache = DynamicCache()
-        kwargs = {name: cache, "use_cache": True}
+        body = self.text_model()
+        kwargs = self._cache_kwargs(body)
+        cache = _cache_in(kwargs)
         head_features = _sub_features(batch, rows[:1], features)
         head_record = self._recorded(
             module_path, lambda: self._forward(head, head_features, **kwargs)
@@ -560,7 +572,49 @@ class VLMAdapter:
             module_path,
             lambda: body(input_ids=ids, attention_mask=mask, **kwargs).last_hidden_state,
         )
-        return head_record, tail_record
+        return head_record, tail_record, _kv_of(kwargs)
+
+    def text_model(self) -> nn.Module:
+        """The language model's decoder stack (embeddings, layers, final norm; no lm_head)."""
+        return self.model.get_submodule(self.layers_path.rsplit(".", 1)[0])
+
+    @staticmethod
+    def _cache_kwargs(module: nn.Module, cache: Any = None) -> dict[str, Any]:
+        """Keyword arguments passing a KV cache (a new DynamicCache by default) to `module`."""
+        from transformers import DynamicCache
+
+        params = inspect.signature(module.forward).parameters
+        # transformers 5 renamed `past_key_values` to `cache` (BLIP-2 passes either on)
+        name = "past_key_values" if "past_key_values" in params else "cache"
+        return {name: DynamicCache() if cache is None else cache, "use_cache": True}
+
+    def decode_step(
+        self,
+        module_path: str,
+        kv: list[tuple[Tensor, Tensor]],
+        tokens: Tensor,
+        attention_mask: Tensor,
+        positions: Tensor,
+    ) -> tuple[dict[str, Any], list[tuple[Tensor, Tensor]]]:
+        """One greedy step on the text model: new tokens (B, 1) at `positions` (B, 1) after the
+        cached keys/values `kv` (`attention_mask` covers both). Returns the record of the new
+        position (`_recorded`: x, resid, final) and the grown cache."""
+        from transformers import DynamicCache
+
+        body = self.text_model()
+        kwargs = self._cache_kwargs(body, DynamicCache(ddp_cache_data=kv))
+        record = self._recorded(
+            module_path,
+            lambda: (
+                body(
+                    input_ids=tokens,
+                    attention_mask=attention_mask,
+                    position_ids=positions,
+                    **kwargs,
+                ).last_hidden_state
+            ),
+        )
+        return record, _kv_of(kwargs)
 
     def _forward(self, batch: Batch, features: list[Tensor], **kwargs: Any) -> None:
         """A full forward feeding precomputed image features; the capture hooks stop it at
@@ -665,6 +719,33 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
+
+
+def _cache_in(kwargs: dict[str, Any]) -> Any:
+    return kwargs.get("cache", kwargs.get("past_key_values"))
+
+
+def _kv_of(kwargs: dict[str, Any]) -> list[tuple[Tensor, Tensor]]:
+    """Per layer (keys, values) of the cache passed in `kwargs`."""
+    return [(layer.keys, layer.values) for layer in _cache_in(kwargs).layers]
+
+
+class _KVAssembly:
+    """Per-layer KV tensors (B, heads, T, d) filled row group by row group."""
+
+    def __init__(self, rows: int, width: int) -> None:
+        self.rows, self.width = rows, width
+        self.layers: list[tuple[Tensor, Tensor]] = []
+
+    def put(self, rows: list[int], kv: list[tuple[Tensor, Tensor]]) -> None:
+        if not self.layers:
+            self.layers = [
+                tuple(t.new_zeros(self.rows, t.shape[1], self.width, t.shape[3]) for t in pair)
+                for pair in kv
+            ]
+        for (keys, values), (k, v) in zip(self.layers, kv, strict=True):
+            keys[rows, :, : k.shape[2]] = k
+            values[rows, :, : v.shape[2]] = v
 
 
 def _sub_features(batch: Batch, rows: list[int], features: list[Tensor]) -> list[Tensor]:

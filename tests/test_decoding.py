@@ -1,0 +1,107 @@
+"""Greedy answers decoded from the capture's KV cache (`editors.decoding`, the fast path's
+generation) equal `generate` one row at a time, on the clean and on the edited model, for every
+family that decodes from a cache; Qwen2-VL keeps `generate`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from editors.adapters import ADAPTERS, VLMAdapter
+from editors.adapters.base import Batch
+from editors.adapters.random_models import random_adapter
+from editors.balancedit import BalancEdit
+from editors.base import Editor, EditRequest, Prompt
+from editors.config import EditorConfig
+from editors.decoding import greedy_answers
+from editors.ft import FineTune
+from editors.grace import Grace
+from editors.scope import generated_answers
+
+CORPUS = [
+    "what is the capital of this country",
+    "which city is the capital",
+    "name the main city of this country",
+    "paris lyon rome berlin",
+]
+FAMILIES = sorted(ADAPTERS)
+RED = Image.new("RGB", (40, 30), (200, 10, 10))
+BLUE = Image.new("RGB", (30, 40), (10, 10, 200))
+QUESTION = "what is the capital of this country"
+REQUEST = EditRequest(
+    edit=Prompt(RED, QUESTION, "lyon"),
+    positive=Prompt(RED, "which city is the capital", "lyon"),
+    negative=Prompt(BLUE, QUESTION, "rome"),
+)
+CONFIGS = {
+    BalancEdit: {"lr": 1e-2, "steps": 50, "key_pooling": "mean_prompt", "edit_eos": True},
+    Grace: {},
+    FineTune: {},
+}
+NEW_TOKENS = 4
+
+
+@pytest.fixture(scope="module")
+def adapters() -> dict[str, VLMAdapter]:
+    torch.set_num_threads(1)
+    return {family: random_adapter(family, CORPUS) for family in FAMILIES}
+
+
+def _probes(adapter: VLMAdapter) -> Batch:
+    """The edit prompt first; rows on the same image (prefix sharing) and one on another."""
+    return adapter.build_inputs(
+        [RED, BLUE, RED, RED],
+        [QUESTION, QUESTION, "name the main city of this country", "which city is the capital"],
+        ["lyon", "rome berlin", "rome berlin paris", "berlin"],
+    )
+
+
+def _editor(adapter: VLMAdapter, cls: type[Editor]) -> Editor:
+    return cls(adapter, EditorConfig(editor=cls.name, **CONFIGS[cls]))
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-prefix", "plain"])
+@pytest.mark.parametrize("cls", list(CONFIGS), ids=lambda c: c.name)
+@pytest.mark.parametrize("family", [f for f in FAMILIES if ADAPTERS[f].decodes_from_cache])
+def test_decoded_answers_equal_generate(
+    adapters: dict[str, VLMAdapter], family: str, cls: type[Editor], shared: bool
+) -> None:
+    adapter = adapters[family]
+    editor = _editor(adapter, cls)
+    batch = _probes(adapter)
+    adapter.prefix_min_saved = 1 if shared else 10**9  # the tiny prompts are short
+    try:
+        capture = adapter.capture(batch, editor.path, keep_kv=True)
+        assert bool(adapter.prefix_groups(batch)) is shared
+    finally:
+        del adapter.prefix_min_saved
+    assert capture.kv is not None and len(capture.kv) == len(adapter.layers())
+    clean = greedy_answers(editor, batch, capture, edited=False, max_new_tokens=NEW_TOKENS)
+    assert clean == adapter.generate(batch, NEW_TOKENS)
+    editor.edit(REQUEST)
+    try:
+        edited = greedy_answers(editor, batch, capture, edited=True, max_new_tokens=NEW_TOKENS)
+        assert edited == editor.generate(batch, NEW_TOKENS)
+    finally:
+        editor.restore()
+    if cls is BalancEdit:  # the edit is reached, and with edit_eos its answer stops
+        assert edited[0] == "lyon" != clean[0]
+
+
+def test_qwen2_vl_generates_row_by_row(adapters: dict[str, VLMAdapter]) -> None:
+    adapter = adapters["qwen2_vl"]
+    editor = _editor(adapter, BalancEdit)
+    batch = _probes(adapter)
+    capture = adapter.capture(batch, editor.path, keep_kv=True)
+    assert capture.kv is None  # M-RoPE positions: no decoding from the cache
+    answers = generated_answers(editor, batch, edited=False, capture=capture)
+    assert answers == adapter.generate(batch, min(8, 3 + 1))
+
+
+def test_decoding_needs_a_kept_cache(adapters: dict[str, VLMAdapter]) -> None:
+    adapter = adapters["llava"]
+    editor = _editor(adapter, BalancEdit)
+    batch = _probes(adapter)
+    with pytest.raises(ValueError, match="keep_kv"):
+        greedy_answers(editor, batch, adapter.capture(batch, editor.path), False, 2)
