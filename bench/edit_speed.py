@@ -9,8 +9,11 @@ straightforward loop, on the same random-weight models and the same items (issue
 * slow — the straightforward loop: every training step is a full forward + backward, keys and
   probes run one full forward each, pre and post.
 
-Greedy generation (`EditorConfig.generate_answers`) is off in both paths: it is not part of
-the issue's fast/slow definition and costs the same in both (`--generate` turns it on).
+Greedy generation (`EditorConfig.generate_answers`) is off by default: the issue's fast/slow
+definition is about the edit and the probes' logits. `--generate` turns it on in both paths, as
+the validate stage runs by default: the fast path then decodes every probe's answer from its
+capture's KV cache in batched steps (`editors.decoding`), the slow path calls `generate` per
+probe (`bench/generation_speed.py` times generation alone).
 
 Models (random weights, built from configs, nothing downloaded):
 * tiny — the flagworld VLM's architecture (design §9): LLaVA, CLIP 2×128 at 64 px / patch 16,
@@ -358,9 +361,15 @@ def compare(fast: dict[str, Any], slow: dict[str, Any]) -> dict[str, Any]:
         "slow_edit_s": slow_edit,
         "edit_ratio": slow_edit / fast_edit,
         "same_verdicts": fast["verdicts"] == slow["verdicts"],
+        "same_answers": _answers(fast) == _answers(slow),
         "max_abs_distance_diff": d_dist,
         "max_abs_post_accuracy_diff": d_acc,
     }
+
+
+def _answers(run: dict[str, Any]) -> list[tuple[str, str]]:
+    """Every probe's greedy answers (pre, post); empty strings when generation is off."""
+    return [(p["pre_answer"], p["post_answer"]) for probes in run["probes"] for p in probes]
 
 
 def main() -> None:
@@ -396,6 +405,7 @@ def main() -> None:
         results.append(summary)
         print(
             f"{model}: ratio {summary['ratio']:.1f}x, same verdicts {summary['same_verdicts']}, "
+            f"same answers {summary['same_answers']}, "
             f"max |d_fast - d_slow| {summary['max_abs_distance_diff']:.2e}",
             flush=True,
         )

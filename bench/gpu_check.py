@@ -5,7 +5,10 @@
 2. fast path on a BLIP-2 with random weights in `--dtype`, shaped like
    Salesforce/blip2-opt-2.7b (ViT-g 39 × 1408 at 224 px / patch 14, Q-Former 12 × 768 with 32
    queries, OPT 32 × 2560): s/item (edit + every probe, no generation), peak GPU memory.
-   Goal (issue 3): ≤ 0.3 s/item and ≤ 12 GB.
+   Goal (issue 3): ≤ 0.3 s/item and ≤ 12 GB. Then the same with greedy answers (decoded
+   from the capture's KV cache, the validate stage's default);
+3. the fast/slow ratio of `bench/edit_speed.py` on its 300 M BLIP-2 (fp32) on `--device`,
+   without and with generation (goal: ≥ 10× without).
 
 On the GPU machine (no internet; see the device README for carrying wheels):
 
@@ -14,7 +17,7 @@ On the GPU machine (no internet; see the device README for carrying wheels):
 Smoke test on a CPU (small shape, fp32):
 
     .venv/bin/python bench/gpu_check.py --device cpu --shape opt300m --dtype float32 \\
-        --items-tiny 2 --items-blip2 1
+        --items-tiny 2 --items-blip2 1 --items-ratio 1
 """
 
 from __future__ import annotations
@@ -130,7 +133,10 @@ def blip2_fast_path(device: str, dtype: torch.dtype, shape: str, n: int) -> dict
     )
     params = sum(p.numel() for p in adapter.model.parameters())
     editor = make_editor(adapter, EditorConfig.for_model("blip2-random", generate_answers=False))
-    validations, seconds = _validate_all(device, editor, make_records(n + 1))
+    records = make_records(n + 1)
+    validations, seconds = _validate_all(device, editor, records)
+    answering = make_editor(adapter, _answering("blip2-random"))
+    _, answered_s = _validate_all(device, answering, records)
     result = {
         "shape": shape,
         "dtype": str(dtype).removeprefix("torch."),
@@ -138,11 +144,44 @@ def blip2_fast_path(device: str, dtype: torch.dtype, shape: str, n: int) -> dict
         "build_s": round(build_s, 1),
         "items": n,
         "s_per_item": round(seconds / n, 4),
+        "s_per_item_with_answers": round(answered_s / n, 4),
         "verdicts": dict(collections.Counter(v.verdict for v in validations)),
         "module": editor.path,
     }
     if device.startswith("cuda"):
         result["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return result
+
+
+def _answering(preset: str, **overrides: Any) -> EditorConfig:
+    """The validate stage's editor settings (greedy answers, last-prompt key, EOS trained)."""
+    return EditorConfig.for_model(
+        preset, generate_answers=True, key_variant="last_prompt", edit_eos=True, **overrides
+    )
+
+
+def fast_slow_ratio(device: str, n: int) -> dict[str, Any]:
+    """`bench/edit_speed.py`'s comparison on `device`: its 300 M BLIP-2 in fp32, same items,
+    fast vs slow path, without and with greedy answers."""
+    spec = MODELS["blip2-opt300m"]
+    adapter = random_adapter("blip2", corpus(), **SHAPES["opt300m"], device=device)
+    records = make_records(n + 1)
+    result: dict[str, Any] = {"items": n}
+    for answers in (False, True):
+        seconds = {}
+        for fast in (True, False):
+            config = (
+                _answering(spec["preset"], fast=fast)
+                if answers
+                else EditorConfig.for_model(spec["preset"], fast=fast, generate_answers=False)
+            )
+            _, elapsed = _validate_all(device, make_editor(adapter, config), records)
+            seconds[fast] = elapsed / n
+        result["with_answers" if answers else "edit_and_probes"] = {
+            "fast_s_per_item": round(seconds[True], 4),
+            "slow_s_per_item": round(seconds[False], 4),
+            "ratio": round(seconds[False] / seconds[True], 2),
+        }
     return result
 
 
@@ -153,6 +192,7 @@ def main() -> None:
     parser.add_argument("--shape", default="opt2.7b", choices=tuple(SHAPES))
     parser.add_argument("--items-tiny", type=int, default=20)
     parser.add_argument("--items-blip2", type=int, default=5)
+    parser.add_argument("--items-ratio", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     report: dict[str, Any] = {
@@ -166,6 +206,8 @@ def main() -> None:
         args.device, getattr(torch, args.dtype), args.shape, args.items_blip2
     )
     print(json.dumps(report["blip2"], indent=2), flush=True)
+    report["fast_slow_300m"] = fast_slow_ratio(args.device, args.items_ratio)
+    print(json.dumps(report["fast_slow_300m"], indent=2), flush=True)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 

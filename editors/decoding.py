@@ -52,10 +52,12 @@ def greedy_answers(
             answers[row].append(token)
         if step == max_new_tokens - 1 or not bool(going.any()):
             break
-        keep = going.nonzero().squeeze(1)
-        active, tokens, position = active[keep], tokens[keep], position[keep] + 1
-        kv = [(k[keep], v[keep]) for k, v in kv]
-        mask = torch.cat([mask[keep], mask.new_ones(len(keep), 1)], dim=1)
+        if not bool(going.all()):  # finished rows leave the batch
+            keep = going.nonzero().squeeze(1)
+            active, tokens, position, mask = active[keep], tokens[keep], position[keep], mask[keep]
+            kv = [(k[keep], v[keep]) for k, v in kv]
+        position = position + 1
+        mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
         record, kv = adapter.decode_step(
             editor.path, kv, tokens.unsqueeze(1), mask, position.unsqueeze(1)
         )

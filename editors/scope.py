@@ -213,8 +213,9 @@ def run_probes(editor: Editor, probes: list[Probe], request: EditRequest) -> _Ru
     """Pre (clean) logits, the edit, post logits, distances and routing for all probes.
 
     Fast path: one batched clean forward caches the module input of every probe (the edit,
-    `train_pos` and `train_neg` rows included: they are the edit request); training and the
-    post logits run on the tail. Slow path: the edit and every probe run their own forwards.
+    `train_pos` and `train_neg` rows included: they are the edit request) and, when answers
+    are generated, its KV cache; training, the post logits and the greedy answers' decode
+    steps run on the tail. Slow path: the edit and every probe run their own forwards.
     """
     adapter = editor.adapter
     batch = adapter.build_inputs(
