@@ -53,25 +53,6 @@ METRICS = (
     ("HM5", "HM5"),
     ("% ok", "ok"),
 )
-KEPT = (
-    "Acc",
-    "T-Gen",
-    "I-Gen",
-    "Loc near (agree)",
-    "Loc near (label)",
-    "Loc text (agree)",
-    "Loc text (label)",
-    "Loc far (agree)",
-    "HM3",
-    "HM5",
-    "ok",
-    "ambiguous",
-    "errors",
-    "epsilon",
-    "s/item",
-    "goal (agree)",
-    "goal (label)",
-)
 TIE = 1e-9  # HM5 values this close count as a shared best
 
 
@@ -140,10 +121,7 @@ def run_seed(
         "experiment_wall_s": round(time.perf_counter() - start, 1),
         "accuracy": model_accuracy(path),
         "items": report["items"],
-        "key_variants": {
-            name: {k: row[k] for k in KEPT if k in row}
-            for name, row in report["key_variants"].items()
-        },
+        "key_variants": report["key_variants"],
         "key_variant_routing": report["key_variant_routing"],
         "key_geometry": report["key_geometry"],
     }
