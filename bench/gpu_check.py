@@ -17,7 +17,7 @@ On the GPU machine (no internet; see the device README for carrying wheels):
 Smoke test on a CPU (small shape, fp32):
 
     .venv/bin/python bench/gpu_check.py --device cpu --shape opt300m --dtype float32 \\
-        --items-tiny 2 --items-blip2 1 --items-ratio 1
+        --items-tiny 2 --items-blip2 1 --items-ratio 1 --threads 1
 """
 
 from __future__ import annotations
@@ -194,7 +194,12 @@ def main() -> None:
     parser.add_argument("--items-blip2", type=int, default=5)
     parser.add_argument("--items-ratio", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's own)"
+    )
     args = parser.parse_args()
+    if args.threads:  # on a small shared CPU, more threads than free cores slow everything
+        torch.set_num_threads(args.threads)
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "torch": torch.__version__,

@@ -137,9 +137,12 @@ class EditorConfig(BaseModel):
     # the edit image always sit nearer than a re-rendered image, so every item is ambiguous.
     ambiguity: Literal["family", "all"] = "family"
     # Greedy answers of every probe before and after the edit, scored by VQA exact match.
-    # Costs one generate() per probe and side (on CPU more than the fast-path edit itself).
+    # The fast path decodes them from its capture's KV cache (`editors.decoding`), kept when
+    # it fits `decode_kv_gb` (e.g. LLaVA-1.5-7B, 30 probes of ~600 tokens: 9.5 GB in fp16;
+    # twice that while decoding); otherwise, and on the slow path, one generate() per probe.
     generate_answers: bool = True
     max_new_tokens: int = Field(default=8, ge=1)  # capped at the longest answer + 1 token
+    decode_kv_gb: float = Field(default=8.0, ge=0.0)
     preset: str = "default"  # the EDIT_PRESETS entry the edit strength came from
     seed: int = 0
 

@@ -209,6 +209,13 @@ def generated_answers(
     return editor.adapter.generate(batch, max_new_tokens)
 
 
+def keeps_kv(editor: Editor, batch: Batch) -> bool:
+    """Keep the capture's KV cache to decode answers from it, when it fits the budget."""
+    config = editor.config
+    budget = config.decode_kv_gb * 2**30
+    return config.generate_answers and editor.adapter.kv_bytes(batch) <= budget
+
+
 def run_probes(editor: Editor, probes: list[Probe], request: EditRequest) -> _Run:
     """Pre (clean) logits, the edit, post logits, distances and routing for all probes.
 
@@ -224,7 +231,7 @@ def run_probes(editor: Editor, probes: list[Probe], request: EditRequest) -> _Ru
     targets = [batch.labels[b][batch.target_mask[b]] for b in range(batch.size)]
     capture = None
     if editor.fast:
-        capture = adapter.capture(batch, editor.path, keep_kv=editor.config.generate_answers)
+        capture = adapter.capture(batch, editor.path, keep_kv=keeps_kv(editor, batch))
     pre_answers = generated_answers(editor, batch, edited=False, capture=capture)
     if capture is not None:
         pre = editor.clean_target_logits(batch, capture)

@@ -17,7 +17,7 @@ from editors.config import EditorConfig
 from editors.decoding import greedy_answers
 from editors.ft import FineTune
 from editors.grace import Grace
-from editors.scope import generated_answers
+from editors.scope import generated_answers, keeps_kv
 
 CORPUS = [
     "what is the capital of this country",
@@ -105,3 +105,19 @@ def test_decoding_needs_a_kept_cache(adapters: dict[str, VLMAdapter]) -> None:
     batch = _probes(adapter)
     with pytest.raises(ValueError, match="keep_kv"):
         greedy_answers(editor, batch, adapter.capture(batch, editor.path), False, 2)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if ADAPTERS[f].decodes_from_cache])
+def test_kv_budget_counts_the_kept_cache(adapters: dict[str, VLMAdapter], family: str) -> None:
+    adapter = adapters[family]
+    batch = _probes(adapter)
+    editor = _editor(adapter, BalancEdit)
+    kv = adapter.capture(batch, editor.path, keep_kv=True).kv
+    assert kv is not None
+    kept = sum(t.numel() * t.element_size() for pair in kv for t in pair)
+    assert adapter.kv_bytes(batch) == kept
+    assert keeps_kv(editor, batch)
+    tight = adapter.kv_bytes(batch) / 2**30 * 0.99
+    over = _editor(adapter, BalancEdit)
+    over.config = over.config.model_copy(update={"decode_kv_gb": tight})
+    assert not keeps_kv(over, batch)

@@ -116,13 +116,18 @@ def test_decoded_answers_equal_row_by_row_generation(records, tiny) -> None:
     """The fast path decodes every probe's answer from the capture's KV cache, in one batch;
     the slow path calls `generate` per probe: same greedy answers, clean and edited."""
     answers = {}
-    for fast in (True, False):
-        editor = make_editor(tiny, ValidateSettings(editor={"fast": fast}).editor_settings())
-        answers[fast] = [
+    # fast, decoded; slow; fast with no room for the KV cache (row by row, like slow)
+    for name, editor_settings in {
+        "decoded": {},
+        "slow": {"fast": False},
+        "over budget": {"decode_kv_gb": 0.0},
+    }.items():
+        editor = make_editor(tiny, ValidateSettings(editor=editor_settings).editor_settings())
+        answers[name] = [
             [(p.pre_answer, p.post_answer) for p in validate_record(r, editor).probes]
             for r in records[:3]
         ]
-    assert answers[True] == answers[False]
-    pairs = [pair for item in answers[True] for pair in item]
+    assert answers["decoded"] == answers["slow"] == answers["over budget"]
+    pairs = [pair for item in answers["decoded"] for pair in item]
     assert sum(pre != post for pre, post in pairs) >= 3  # the edits change answers
     assert len({pre for pre, _ in pairs}) >= 3  # and the clean answers differ between probes

@@ -194,6 +194,7 @@ class VLMAdapter:
     # Greedy answers may decode from a capture's KV cache (`decode_step`): needs positions
     # that are plain token counts (not Qwen2-VL's M-RoPE).
     decodes_from_cache: ClassVar[bool] = True
+    key_proj: ClassVar[str] = "self_attn.k_proj"  # in each decoder layer: sizes its KV cache
 
     def __init__(
         self,
@@ -573,6 +574,13 @@ class VLMAdapter:
             lambda: body(input_ids=ids, attention_mask=mask, **kwargs).last_hidden_state,
         )
         return head_record, tail_record, _kv_of(kwargs)
+
+    def kv_bytes(self, batch: Batch) -> int:
+        """Size of the KV cache that `capture(batch, keep_kv=True)` keeps, all layers."""
+        per_token = sum(
+            2 * layer.get_submodule(self.key_proj).out_features for layer in self.layers()
+        )
+        return per_token * batch.size * int(batch.input_ids.shape[1]) * self.dtype.itemsize
 
     def text_model(self) -> nn.Module:
         """The language model's decoder stack (embeddings, layers, final norm; no lm_head)."""
