@@ -42,6 +42,9 @@ def greedy_answers(
         t[active, position] for t in (capture.x, capture.resid, capture.final_hidden)
     )
     kv, mask = capture.kv, batch.prompt_mask.long()
+    shift = capture.position_shift  # text-model position = token index + shift (M-RoPE)
+    if shift is None:
+        shift = torch.zeros_like(batch.prompt_lengths)
     stop = _stop_ids(editor)
     answers: list[list[int]] = [[] for _ in range(batch.size)]
     for step in range(max_new_tokens):
@@ -58,9 +61,8 @@ def greedy_answers(
             kv = [(k[keep], v[keep]) for k, v in kv]
         position = position + 1
         mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
-        record, kv = adapter.decode_step(
-            editor.path, kv, tokens.unsqueeze(1), mask, position.unsqueeze(1)
-        )
+        at = (position + shift[active]).unsqueeze(1)
+        record, kv = adapter.decode_step(editor.path, kv, tokens.unsqueeze(1), mask, at)
         x, resid, final = (record[name][:, 0] for name in ("x", "resid", "final"))
     return [adapter.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in answers]
 

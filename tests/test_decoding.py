@@ -1,6 +1,6 @@
 """Greedy answers decoded from the capture's KV cache (`editors.decoding`, the fast path's
 generation) equal `generate` one row at a time, on the clean and on the edited model, for every
-family that decodes from a cache; Qwen2-VL keeps `generate`."""
+family (Qwen2-VL at its multimodal RoPE positions)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from editors.config import EditorConfig
 from editors.decoding import greedy_answers
 from editors.ft import FineTune
 from editors.grace import Grace
-from editors.scope import generated_answers, keeps_kv
+from editors.scope import keeps_kv
 
 CORPUS = [
     "what is the capital of this country",
@@ -73,7 +73,7 @@ def test_decoded_answers_equal_generate(
     adapter.prefix_min_saved = 1 if shared else 10**9  # the tiny prompts are short
     try:
         capture = adapter.capture(batch, editor.path, keep_kv=True)
-        assert bool(adapter.prefix_groups(batch)) is shared
+        assert bool(adapter.prefix_groups(batch)) is (shared and adapter.shares_prefix)
     finally:
         del adapter.prefix_min_saved
     assert capture.kv is not None and len(capture.kv) == len(adapter.layers())
@@ -89,14 +89,16 @@ def test_decoded_answers_equal_generate(
         assert edited[0] == "lyon" != clean[0]
 
 
-def test_qwen2_vl_generates_row_by_row(adapters: dict[str, VLMAdapter]) -> None:
+def test_qwen2_vl_decodes_at_its_multimodal_positions(adapters: dict[str, VLMAdapter]) -> None:
+    """M-RoPE gives an image fewer positions than tokens: decoded tokens continue from the
+    positions the capture used, not from the token count."""
     adapter = adapters["qwen2_vl"]
-    editor = _editor(adapter, BalancEdit)
     batch = _probes(adapter)
-    capture = adapter.capture(batch, editor.path, keep_kv=True)
-    assert capture.kv is None  # M-RoPE positions: no decoding from the cache
-    answers = generated_answers(editor, batch, edited=False, capture=capture)
-    assert answers == adapter.generate(batch, min(8, 3 + 1))
+    capture = adapter.capture(batch, adapter.resolve_module(None), keep_kv=True)
+    assert capture.position_shift is not None and bool((capture.position_shift < 0).all())
+    other = adapters["llava"]
+    plain = other.capture(_probes(other), other.resolve_module(None), keep_kv=True)
+    assert plain.position_shift is not None and not bool(plain.position_shift.any())
 
 
 def test_decoding_needs_a_kept_cache(adapters: dict[str, VLMAdapter]) -> None:
@@ -121,3 +123,35 @@ def test_kv_budget_counts_the_kept_cache(adapters: dict[str, VLMAdapter], family
     over = _editor(adapter, BalancEdit)
     over.config = over.config.model_copy(update={"decode_kv_gb": tight})
     assert not keeps_kv(over, batch)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-prefix", "plain"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_decode_step_equals_the_full_forward(
+    adapters: dict[str, VLMAdapter], family: str, shared: bool
+) -> None:
+    """Feeding each row's first target token on the capture's cache (prompt positions only,
+    at the position the capture's text model used) gives the teacher-forced forward's logits
+    at that token: the cache (assembled from a shared prefix too), the mask over it and the
+    positions are right."""
+    adapter = adapters[family]
+    batch = _probes(adapter)
+    path = adapter.resolve_module(None)
+    adapter.prefix_min_saved = 1 if shared else 10**9
+    try:
+        capture = adapter.capture(batch, path, keep_kv=True)
+        assert bool(adapter.prefix_groups(batch)) is (shared and adapter.shares_prefix)
+    finally:
+        del adapter.prefix_min_saved
+    assert capture.kv is not None and capture.position_shift is not None
+    rows = torch.arange(batch.size)
+    first = batch.prompt_lengths  # index of each row's first target token
+    with torch.no_grad():
+        full = adapter.logits(batch)[rows, first]
+    mask = torch.cat([batch.prompt_mask.long(), torch.ones(batch.size, 1, dtype=torch.long)], 1)
+    at = (first + capture.position_shift).unsqueeze(1)
+    record, _ = adapter.decode_step(path, capture.kv, batch.input_ids[rows, first, None], mask, at)
+    lm_head = adapter.model.get_submodule(adapter.lm_head_path)
+    with torch.no_grad():
+        step = lm_head(record["final"][:, 0])
+    torch.testing.assert_close(step, full, atol=1e-4, rtol=1e-4)

@@ -114,6 +114,10 @@ class Capture:
     # Per decoder layer, the clean keys and values (B, heads, T, d), kept for decoding
     # (`capture(keep_kv=True)`): an edit of the last layer's residual writer changes no KV.
     kv: list[tuple[Tensor, Tensor]] | None = None
+    # (B,) position of each row's first generated token minus its prompt length: 0, except
+    # where the text model's positions are not token counts (Qwen2-VL's M-RoPE gives an image
+    # fewer positions than tokens). Recorded with the KV cache.
+    position_shift: Tensor | None = None
 
     @property
     def per_position(self) -> bool:
@@ -191,8 +195,7 @@ class VLMAdapter:
     shares_prefix: ClassVar[bool] = True
     # ... when that saves at least this many positions (each group costs two more forwards).
     prefix_min_saved: ClassVar[int] = 16
-    # Greedy answers may decode from a capture's KV cache (`decode_step`): needs positions
-    # that are plain token counts (not Qwen2-VL's M-RoPE).
+    # Greedy answers may decode from a capture's KV cache (`decode_step`).
     decodes_from_cache: ClassVar[bool] = True
     key_proj: ClassVar[str] = "self_attn.k_proj"  # in each decoder layer: sizes its KV cache
 
@@ -481,11 +484,22 @@ class VLMAdapter:
             groups = self.prefix_groups(batch) if last else []
             if not groups:
                 cache = self._cache_kwargs(self.model) if keep_kv else {}
-                record = self._recorded(
-                    module_path, lambda: self._forward(batch, features, **cache)
+                positions: dict[str, Tensor] = {}
+                hook = self.text_model().register_forward_pre_hook(
+                    _record_positions(positions), with_kwargs=True
                 )
-                kv = _kv_of(cache) if keep_kv else None
-                return Capture(record["x"], record["resid"], record["later"], record["final"], kv)
+                try:
+                    record = self._recorded(
+                        module_path, lambda: self._forward(batch, features, **cache)
+                    )
+                finally:
+                    hook.remove()
+                if not keep_kv:
+                    return Capture(record["x"], record["resid"], record["later"], record["final"])
+                shift = _position_shift(positions.get("ids"), batch)
+                return Capture(
+                    record["x"], record["resid"], [], record["final"], _kv_of(cache), shift
+                )
             return self._shared_capture(batch, module_path, features, groups, keep_kv)
 
     def prefix_groups(self, batch: Batch) -> list[tuple[list[int], int]]:
@@ -546,7 +560,10 @@ class VLMAdapter:
                 put(name, rows, prefix, tail[name])
             if kv:
                 kv.put(rows, group_kv)
-        return Capture(out["x"], out["resid"], [], out["final"], kv.layers if kv else None)
+        if kv is None:
+            return Capture(out["x"], out["resid"], [], out["final"])
+        shift = torch.zeros(b, dtype=torch.long, device=batch.input_ids.device)
+        return Capture(out["x"], out["resid"], [], out["final"], kv.layers, shift)
 
     def _group_records(
         self, batch: Batch, module_path: str, features: list[Tensor], rows: list[int], prefix: int
@@ -727,6 +744,28 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
+
+
+def _record_positions(store: dict[str, Tensor]):
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if kwargs.get("position_ids") is not None:
+            store["ids"] = kwargs["position_ids"]
+
+    return hook
+
+
+def _position_shift(position_ids: Tensor | None, batch: Batch) -> Tensor:
+    """(B,) next position after each row's prompt minus its prompt length, from the position
+    ids the text model was given: (B, T), or (R, B, T) for multimodal RoPE (Qwen2-VL's three
+    axes, which text tokens advance together; R = 4 puts plain text positions first)."""
+    lengths = batch.prompt_lengths
+    if position_ids is None:
+        return torch.zeros_like(lengths)
+    rows = torch.arange(batch.size, device=lengths.device)
+    ids = position_ids if position_ids.ndim == 3 else position_ids.unsqueeze(0)
+    ids = ids[-3:] if ids.shape[0] == 4 else ids
+    last = ids[:, rows, batch.last_prompt].amax(dim=0)
+    return last + 1 - lengths
 
 
 def _cache_in(kwargs: dict[str, Any]) -> Any:

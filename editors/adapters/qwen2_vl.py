@@ -23,10 +23,9 @@ class Qwen2VLAdapter(VLMAdapter):
     layers_path = "model.language_model.layers"
     final_norm_path = "model.language_model.norm"
     # M-RoPE: positions after an image depend on its grid (the model's `rope_deltas`), which the
-    # text model alone would not apply to a cached prefix's suffixes or to decoded tokens; rows
-    # run whole instead, and greedy answers come from `generate`.
+    # text model alone would not apply to a cached prefix's suffixes; rows run whole instead.
+    # (Decoding from the cache reads the positions the capture used: `Capture.position_shift`.)
     shares_prefix = False
-    decodes_from_cache = False
 
     def process_images(self, images: list[Image.Image]) -> dict[str, Tensor]:
         return dict(self.image_processor(images, return_tensors="pt"))
