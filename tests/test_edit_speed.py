@@ -1,7 +1,7 @@
 """The fast path's shared prefix (issue 3 part 6): rows that show the same image run their
 common prefix once, on a KV cache, and the capture equals the plain batched forward; fast and
-slow edits agree when the prefix is shared; Qwen2-VL (M-RoPE) and prefixes that stop before
-the image fall back to the plain forward."""
+slow edits agree when the prefix is shared (Qwen2-VL's suffixes continue its M-RoPE
+positions); prefixes that stop before the image fall back to the plain forward."""
 
 from __future__ import annotations
 
@@ -77,9 +77,6 @@ def test_shared_prefix_capture_equals_the_plain_forward(
         shared = adapter.capture(batch, path)
     with _set(adapter, shares_prefix=False):
         plain = adapter.capture(batch, path)
-    if family == "qwen2_vl":  # M-RoPE: no sharing
-        assert groups == []
-        return
     (rows, prefix), *others = groups
     assert rows == [0, 2, 3] and not others
     assert int(batch.image_mask[0].nonzero().max()) < prefix < int(batch.prompt_lengths.min())
@@ -111,7 +108,7 @@ def _edit_and_probe(adapter: VLMAdapter, fast: bool):
     return pre, outcome, routed.target_logits, routed.distances
 
 
-@pytest.mark.parametrize("family", ["blip2", "llava", "idefics3"])
+@pytest.mark.parametrize("family", ["blip2", "llava", "idefics3", "qwen2_vl"])
 def test_fast_and_slow_agree_with_a_shared_prefix(
     adapters: dict[str, VLMAdapter], family: str
 ) -> None:

@@ -190,8 +190,8 @@ class VLMAdapter:
     mlp_writer: ClassVar[str] = "mlp.down_proj"  # writes the MLP output into the residual
     residual_input: ClassVar[str] = "post_attention_layernorm"  # its input = that residual
     image_before_bos: ClassVar[bool] = False  # BLIP-2 puts the query tokens before BOS
-    # Same-image rows may share a KV-cached prefix in `capture` (off where the text model's
-    # positions depend on more than the token count, e.g. Qwen2-VL's M-RoPE).
+    # Same-image rows may share a KV-cached prefix in `capture` (the suffixes continue the
+    # positions the model gave the prefix, e.g. Qwen2-VL's M-RoPE).
     shares_prefix: ClassVar[bool] = True
     # ... when that saves at least this many positions (each group costs two more forwards).
     prefix_min_saved: ClassVar[int] = 16
@@ -484,19 +484,12 @@ class VLMAdapter:
             groups = self.prefix_groups(batch) if last else []
             if not groups:
                 cache = self._cache_kwargs(self.model) if keep_kv else {}
-                positions: dict[str, Tensor] = {}
-                hook = self.text_model().register_forward_pre_hook(
-                    _record_positions(positions), with_kwargs=True
+                record = self._recorded(
+                    module_path, lambda: self._forward(batch, features, **cache)
                 )
-                try:
-                    record = self._recorded(
-                        module_path, lambda: self._forward(batch, features, **cache)
-                    )
-                finally:
-                    hook.remove()
                 if not keep_kv:
                     return Capture(record["x"], record["resid"], record["later"], record["final"])
-                shift = _position_shift(positions.get("ids"), batch)
+                shift = _position_shift(record.get("positions"), batch)
                 return Capture(
                     record["x"], record["resid"], [], record["final"], _kv_of(cache), shift
                 )
@@ -536,6 +529,7 @@ class VLMAdapter:
         b, t = batch.input_ids.shape
         out: dict[str, Tensor] = {}
         kv = _KVAssembly(b, t) if keep_kv else None
+        shift = torch.zeros(b, dtype=torch.long, device=batch.input_ids.device)
 
         def put(name: str, rows: list[int], start: int, value: Tensor) -> None:
             if name not in out:
@@ -551,6 +545,7 @@ class VLMAdapter:
             record = self._recorded(module_path, lambda: self._forward(sub, sub_features, **cache))
             for name in ("x", "resid", "final"):
                 put(name, plain, 0, record[name])
+            shift[plain] = _position_shift(record.get("positions"), sub)
             if kv:
                 kv.put(plain, _kv_of(cache))
         for rows, prefix in groups:
@@ -558,11 +553,11 @@ class VLMAdapter:
             for name in ("x", "resid", "final"):
                 put(name, rows, 0, head[name].expand(len(rows), -1, -1))
                 put(name, rows, prefix, tail[name])
+            shift[rows] = _prefix_shift(head.get("positions"), prefix)
             if kv:
                 kv.put(rows, group_kv)
         if kv is None:
             return Capture(out["x"], out["resid"], [], out["final"])
-        shift = torch.zeros(b, dtype=torch.long, device=batch.input_ids.device)
         return Capture(out["x"], out["resid"], [], out["final"], kv.layers, shift)
 
     def _group_records(
@@ -586,6 +581,11 @@ class VLMAdapter:
         mask = batch.attention_mask[rows, :width]  # (a copy: list indexing)
         mask[:, :prefix] = 1
         ids = batch.input_ids[rows, prefix:width]
+        if head_record.get("positions") is not None:  # the model gave explicit positions
+            # (Qwen2-VL's M-RoPE): the suffixes' text tokens continue after the prefix's.
+            shift = _prefix_shift(head_record["positions"], prefix)
+            at = torch.arange(prefix, width, device=ids.device) + shift
+            kwargs = {**kwargs, "position_ids": at.expand(len(rows), -1)}
         tail_record = self._recorded(
             module_path,
             lambda: body(input_ids=ids, attention_mask=mask, **kwargs).last_hidden_state,
@@ -664,6 +664,9 @@ class VLMAdapter:
             .get_submodule(self.residual_input)
             .register_forward_pre_hook(_record_arg(record, "resid")),
             self.model.get_submodule(self.lm_head_path).register_forward_pre_hook(_stop(record)),
+            self.text_model().register_forward_pre_hook(
+                _record_positions(record), with_kwargs=True
+            ),
         ]
         for layer in list(layers)[layer_index + 1 :]:
             hooks.append(
@@ -746,26 +749,38 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _record_positions(store: dict[str, Tensor]):
+def _record_positions(record: dict[str, Any]):
+    """Hook on the text model: the position ids its caller passed (None when it passed none)."""
+
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if kwargs.get("position_ids") is not None:
-            store["ids"] = kwargs["position_ids"]
+        record["positions"] = kwargs.get("position_ids")
 
     return hook
 
 
+def _axes(position_ids: Tensor) -> Tensor:
+    """Position ids as (axes, B, T): (B, T) plain, or multimodal RoPE's (3, B, T) (Qwen2-VL's
+    temporal/height/width axes, which text tokens advance together; a leading fourth row of
+    plain text positions is dropped)."""
+    ids = position_ids if position_ids.ndim == 3 else position_ids.unsqueeze(0)
+    return ids[-3:] if ids.shape[0] == 4 else ids
+
+
 def _position_shift(position_ids: Tensor | None, batch: Batch) -> Tensor:
-    """(B,) next position after each row's prompt minus its prompt length, from the position
-    ids the text model was given: (B, T), or (R, B, T) for multimodal RoPE (Qwen2-VL's three
-    axes, which text tokens advance together; R = 4 puts plain text positions first)."""
+    """(B,) next position after each row's prompt minus its prompt length (0 for positions
+    that count tokens; negative where an image takes fewer positions than tokens)."""
     lengths = batch.prompt_lengths
     if position_ids is None:
         return torch.zeros_like(lengths)
     rows = torch.arange(batch.size, device=lengths.device)
-    ids = position_ids if position_ids.ndim == 3 else position_ids.unsqueeze(0)
-    ids = ids[-3:] if ids.shape[0] == 4 else ids
-    last = ids[:, rows, batch.last_prompt].amax(dim=0)
-    return last + 1 - lengths
+    return _axes(position_ids)[:, rows, batch.last_prompt].amax(dim=0) + 1 - lengths
+
+
+def _prefix_shift(position_ids: Tensor | None, prefix: int) -> int:
+    """The same for a one-row prefix of `prefix` tokens."""
+    if position_ids is None:
+        return 0
+    return int(_axes(position_ids)[:, 0, prefix - 1].max()) + 1 - prefix
 
 
 def _cache_in(kwargs: dict[str, Any]) -> Any:

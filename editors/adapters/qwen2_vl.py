@@ -22,10 +22,9 @@ class Qwen2VLAdapter(VLMAdapter):
     default_template = "<|im_start|>user\n{image}{question}<|im_end|>\n<|im_start|>assistant\n"
     layers_path = "model.language_model.layers"
     final_norm_path = "model.language_model.norm"
-    # M-RoPE: positions after an image depend on its grid (the model's `rope_deltas`), which the
-    # text model alone would not apply to a cached prefix's suffixes; rows run whole instead.
-    # (Decoding from the cache reads the positions the capture used: `Capture.position_shift`.)
-    shares_prefix = False
+    # M-RoPE: an image takes fewer positions than tokens; suffixes on a shared prefix and
+    # decoded tokens continue from the positions the model used (`_prefix_shift`,
+    # `Capture.position_shift`).
 
     def process_images(self, images: list[Image.Image]) -> dict[str, Tensor]:
         return dict(self.image_processor(images, return_tensors="pt"))
