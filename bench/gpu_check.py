@@ -28,6 +28,8 @@ import json
 import platform
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -194,27 +196,46 @@ def main() -> None:
     parser.add_argument("--items-blip2", type=int, default=5)
     parser.add_argument("--items-ratio", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--parts", default="tiny_flagworld,blip2,fast_slow_300m")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's own)"
     )
     args = parser.parse_args()
     if args.threads:  # on a small shared CPU, more threads than free cores slow everything
         torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA GPU")
+    import transformers
+
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "torch": torch.__version__,
+        "transformers": transformers.__version__,
         "python": platform.python_version(),
     }
-    report["tiny_flagworld"] = tiny_flagworld(args.device, args.items_tiny)
-    print(json.dumps(report, indent=2), flush=True)
-    report["blip2"] = blip2_fast_path(
-        args.device, getattr(torch, args.dtype), args.shape, args.items_blip2
-    )
-    print(json.dumps(report["blip2"], indent=2), flush=True)
-    report["fast_slow_300m"] = fast_slow_ratio(args.device, args.items_ratio)
-    print(json.dumps(report["fast_slow_300m"], indent=2), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+    parts: dict[str, Callable[[], dict[str, Any]]] = {
+        "tiny_flagworld": lambda: tiny_flagworld(args.device, args.items_tiny),
+        "blip2": lambda: blip2_fast_path(
+            args.device, getattr(torch, args.dtype), args.shape, args.items_blip2
+        ),
+        "fast_slow_300m": lambda: fast_slow_ratio(args.device, args.items_ratio),
+    }
+    for name in args.parts.split(","):
+        report[name] = _attempt(parts[name], args.device)
+        print(json.dumps({name: report[name]}, indent=2), flush=True)
+        if args.json:  # after every part: a later failure or timeout keeps what was measured
+            args.json.write_text(json.dumps(report, indent=2))
+
+
+def _attempt(part: Callable[[], dict[str, Any]], device: str) -> dict[str, Any]:
+    """Run one part; an error (say out of GPU memory) is reported and the next part runs."""
+    try:
+        return part()
+    except Exception as exc:  # noqa: BLE001 - a one-shot run must report, not stop
+        return {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
+    finally:
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
