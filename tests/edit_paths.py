@@ -1,12 +1,54 @@
-"""One edit and every probe on the editor's fast or slow path: what the path tests compare."""
+"""What the fast/slow path tests share: a small capital-city world for tiny random models of
+every family, and one edit with every probe on the editor's fast or slow path."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
 import torch
+from PIL import Image
 from torch import Tensor
 
+from editors.adapters import ADAPTERS, VLMAdapter
 from editors.adapters.base import Batch
-from editors.base import Editor, EditOutcome, EditRequest, Routed
+from editors.adapters.random_models import random_adapter
+from editors.base import Editor, EditOutcome, EditRequest, Prompt, Routed
+
+CORPUS = [
+    "what is the capital of this country",
+    "which city is the capital",
+    "name the main city of this country",
+    "paris lyon rome berlin",
+]
+FAMILIES = sorted(ADAPTERS)
+RED = Image.new("RGB", (40, 30), (200, 10, 10))
+BLUE = Image.new("RGB", (30, 40), (10, 10, 200))
+QUESTION = "what is the capital of this country"
+REQUEST = EditRequest(
+    edit=Prompt(RED, QUESTION, "lyon"),
+    positive=Prompt(RED, "which city is the capital", "lyon"),
+    negative=Prompt(BLUE, QUESTION, "rome"),
+)
+
+
+def random_adapters() -> dict[str, VLMAdapter]:
+    """A tiny random model of every family on CORPUS (one torch thread)."""
+    torch.set_num_threads(1)
+    return {family: random_adapter(family, CORPUS) for family in FAMILIES}
+
+
+@contextmanager
+def overridden(adapter: VLMAdapter, **attributes: Any) -> Iterator[None]:
+    """Override class-level adapter settings on one instance for a while."""
+    for name, value in attributes.items():
+        setattr(adapter, name, value)
+    try:
+        yield
+    finally:
+        for name in attributes:
+            delattr(adapter, name)
 
 
 def edit_and_probe(

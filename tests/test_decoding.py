@@ -6,34 +6,26 @@ from __future__ import annotations
 
 import pytest
 import torch
-from PIL import Image
 
 from editors.adapters import ADAPTERS, VLMAdapter
 from editors.adapters.base import Batch
-from editors.adapters.random_models import random_adapter
 from editors.balancedit import BalancEdit
-from editors.base import Editor, EditRequest, Prompt
+from editors.base import Editor
 from editors.config import EditorConfig
 from editors.decoding import greedy_answers
 from editors.ft import FineTune
 from editors.grace import Grace
 from editors.scope import keeps_kv
-
-CORPUS = [
-    "what is the capital of this country",
-    "which city is the capital",
-    "name the main city of this country",
-    "paris lyon rome berlin",
-]
-FAMILIES = sorted(ADAPTERS)
-RED = Image.new("RGB", (40, 30), (200, 10, 10))
-BLUE = Image.new("RGB", (30, 40), (10, 10, 200))
-QUESTION = "what is the capital of this country"
-REQUEST = EditRequest(
-    edit=Prompt(RED, QUESTION, "lyon"),
-    positive=Prompt(RED, "which city is the capital", "lyon"),
-    negative=Prompt(BLUE, QUESTION, "rome"),
+from tests.edit_paths import (
+    BLUE,
+    FAMILIES,
+    QUESTION,
+    RED,
+    REQUEST,
+    overridden,
+    random_adapters,
 )
+
 CONFIGS = {
     BalancEdit: {"lr": 1e-2, "steps": 50, "key_pooling": "mean_prompt", "edit_eos": True},
     Grace: {},
@@ -44,8 +36,7 @@ NEW_TOKENS = 4
 
 @pytest.fixture(scope="module")
 def adapters() -> dict[str, VLMAdapter]:
-    torch.set_num_threads(1)
-    return {family: random_adapter(family, CORPUS) for family in FAMILIES}
+    return random_adapters()
 
 
 def _probes(adapter: VLMAdapter) -> Batch:
@@ -70,12 +61,9 @@ def test_decoded_answers_equal_generate(
     adapter = adapters[family]
     editor = _editor(adapter, cls)
     batch = _probes(adapter)
-    adapter.prefix_min_saved = 1 if shared else 10**9  # the tiny prompts are short
-    try:
+    with overridden(adapter, prefix_min_saved=1 if shared else 10**9):  # short tiny prompts
         capture = adapter.capture(batch, editor.path, keep_kv=True)
         assert bool(adapter.prefix_groups(batch)) is (shared and adapter.shares_prefix)
-    finally:
-        del adapter.prefix_min_saved
     assert capture.kv is not None and len(capture.kv) == len(adapter.layers())
     clean = greedy_answers(editor, batch, capture, edited=False, max_new_tokens=NEW_TOKENS)
     assert clean == adapter.generate(batch, NEW_TOKENS)
@@ -137,12 +125,9 @@ def test_a_decode_step_equals_the_full_forward(
     adapter = adapters[family]
     batch = _probes(adapter)
     path = adapter.resolve_module(None)
-    adapter.prefix_min_saved = 1 if shared else 10**9
-    try:
+    with overridden(adapter, prefix_min_saved=1 if shared else 10**9):
         capture = adapter.capture(batch, path, keep_kv=True)
         assert bool(adapter.prefix_groups(batch)) is (shared and adapter.shares_prefix)
-    finally:
-        del adapter.prefix_min_saved
     assert capture.kv is not None and capture.position_shift is not None
     rows = torch.arange(batch.size)
     first = batch.prompt_lengths  # index of each row's first target token

@@ -5,55 +5,30 @@ positions); prefixes that stop before the image fall back to the plain forward."
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
-
 import pytest
 import torch
-from PIL import Image
 
-from editors.adapters import ADAPTERS, VLMAdapter
+from editors.adapters import VLMAdapter
 from editors.adapters.base import Batch
 from editors.adapters.random_models import random_adapter
 from editors.balancedit import BalancEdit
-from editors.base import EditRequest, Prompt
 from editors.config import EditorConfig
-from tests.edit_paths import edit_and_probe
-
-CORPUS = [
-    "what is the capital of this country",
-    "which city is the capital",
-    "name the main city of this country",
-    "paris lyon rome berlin",
-]
-FAMILIES = sorted(ADAPTERS)
-RED = Image.new("RGB", (40, 30), (200, 10, 10))
-BLUE = Image.new("RGB", (30, 40), (10, 10, 200))
-QUESTION = "what is the capital of this country"
-REQUEST = EditRequest(
-    edit=Prompt(RED, QUESTION, "lyon"),
-    positive=Prompt(RED, "which city is the capital", "lyon"),
-    negative=Prompt(BLUE, QUESTION, "rome"),
+from tests.edit_paths import (
+    BLUE,
+    CORPUS,
+    FAMILIES,
+    QUESTION,
+    RED,
+    REQUEST,
+    edit_and_probe,
+    overridden,
+    random_adapters,
 )
-
-
-@contextmanager
-def _set(adapter: VLMAdapter, **attributes: Any) -> Iterator[None]:
-    """Override class-level adapter settings on one instance for a while."""
-    for name, value in attributes.items():
-        setattr(adapter, name, value)
-    try:
-        yield
-    finally:
-        for name in attributes:
-            delattr(adapter, name)
 
 
 @pytest.fixture(scope="module")
 def adapters() -> dict[str, VLMAdapter]:
-    torch.set_num_threads(1)
-    return {family: random_adapter(family, CORPUS) for family in FAMILIES}
+    return random_adapters()
 
 
 def _probes(adapter: VLMAdapter) -> Batch:
@@ -72,10 +47,10 @@ def test_shared_prefix_capture_equals_the_plain_forward(
     adapter = adapters[family]
     batch = _probes(adapter)
     path = adapter.resolve_module(None)
-    with _set(adapter, prefix_min_saved=1):  # the tiny models' prefixes are short
+    with overridden(adapter, prefix_min_saved=1):  # the tiny models' prefixes are short
         groups = adapter.prefix_groups(batch)
         shared = adapter.capture(batch, path)
-    with _set(adapter, shares_prefix=False):
+    with overridden(adapter, shares_prefix=False):
         plain = adapter.capture(batch, path)
     (rows, prefix), *others = groups
     assert rows == [0, 2, 3] and not others
@@ -98,7 +73,7 @@ def test_no_sharing_below_the_last_layer_or_before_the_image(
     assert not capture.per_position
     # the question before the image: same-image rows differ before it, nothing to share
     question_first = random_adapter("llava", CORPUS, prompt_template="{question} {image} answer :")
-    with _set(question_first, prefix_min_saved=1):
+    with overridden(question_first, prefix_min_saved=1):
         assert question_first.prefix_groups(_probes(question_first)) == []
 
 
@@ -113,7 +88,7 @@ def test_fast_and_slow_agree_with_a_shared_prefix(
     adapters: dict[str, VLMAdapter], family: str
 ) -> None:
     adapter = adapters[family]
-    with _set(adapter, prefix_min_saved=1):
+    with overridden(adapter, prefix_min_saved=1):
         assert adapter.prefix_groups(_probes(adapter))
         pre_f, out_f, post_f, d_f = _edit_and_probe(adapter, fast=True)
     pre_s, out_s, post_s, d_s = _edit_and_probe(adapter, fast=False)
