@@ -9,6 +9,7 @@ import torch
 
 from editors.adapters import ADAPTERS, VLMAdapter
 from editors.adapters.base import Batch
+from editors.adapters.random_models import random_adapter
 from editors.balancedit import BalancEdit
 from editors.base import Editor
 from editors.config import EditorConfig
@@ -18,6 +19,7 @@ from editors.grace import Grace
 from editors.scope import keeps_kv
 from tests.edit_paths import (
     BLUE,
+    CORPUS,
     FAMILIES,
     QUESTION,
     RED,
@@ -140,3 +142,23 @@ def test_a_decode_step_equals_the_full_forward(
     with torch.no_grad():
         step = lm_head(record["final"][:, 0])
     torch.testing.assert_close(step, full, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decoding_in_bfloat16(family: str) -> None:
+    """The half-precision path a GPU runs (fp32 edit copies on bf16 activations) decodes the
+    same answers as `generate`."""
+    adapter = random_adapter(family, CORPUS, dtype=torch.bfloat16)
+    editor = _editor(adapter, BalancEdit)
+    batch = _probes(adapter)
+    capture = adapter.capture(batch, editor.path, keep_kv=True)
+    assert capture.x.dtype == torch.bfloat16
+    clean = greedy_answers(editor, batch, capture, edited=False, max_new_tokens=NEW_TOKENS)
+    assert clean == adapter.generate(batch, NEW_TOKENS)
+    editor.edit(REQUEST)
+    try:
+        edited = greedy_answers(editor, batch, capture, edited=True, max_new_tokens=NEW_TOKENS)
+        assert edited == editor.generate(batch, NEW_TOKENS)
+    finally:
+        editor.restore()
+    assert edited[0] == "lyon"
