@@ -243,10 +243,13 @@ def profile_item(adapter: Any, editor: Any, record: Any, shares_prefix: bool) ->
 
         return hook
 
-    paths = {**PROFILED.get(adapter.family, {}), "lm": adapter.layers_path.rsplit(".", 1)[0]}
+    modules = {
+        name: adapter.model.get_submodule(path)
+        for name, path in PROFILED.get(adapter.family, {}).items()
+    }
+    modules["lm"] = adapter.text_model()
     hooks = []
-    for name, path in paths.items():
-        module = adapter.model.get_submodule(path)
+    for name, module in modules.items():
         hooks.append(module.register_forward_pre_hook(pre(name), with_kwargs=True))
         hooks.append(module.register_forward_hook(post(name), with_kwargs=True))
     adapter.shares_prefix = shares_prefix
@@ -321,7 +324,7 @@ def run_path(
         if profile and fast
         else []
     )
-    lm = adapter.model.get_submodule(adapter.layers_path.rsplit(".layers", 1)[0])
+    lm = adapter.text_model()
     return {
         "model": model,
         "path": "fast" if fast else "slow",

@@ -38,14 +38,14 @@ def _timed(run: Callable[[], Any]) -> tuple[Any, float]:
 def time_item(editor: Any, record: Any) -> dict[str, Any]:
     """Both ways of answering every probe of one item, before and after its edit."""
     from editors.decoding import greedy_answers
-    from editors.scope import build_probes, edit_request
+    from editors.scope import answer_tokens, build_probes, edit_request
 
     adapter, config = editor.adapter, editor.config
     probes = build_probes(record, config)
     batch = adapter.build_inputs(
         [p.image for p in probes], [p.question for p in probes], [p.expected for p in probes]
     )
-    tokens = min(config.max_new_tokens, int(batch.target_mask.sum(dim=1).max()) + 1)
+    tokens = answer_tokens(config, batch)
     _, plain_s = _timed(lambda: adapter.capture(batch, editor.path))
     capture, kept_s = _timed(lambda: adapter.capture(batch, editor.path, keep_kv=True))
     pre_fast, pre_fast_s = _timed(lambda: greedy_answers(editor, batch, capture, False, tokens))

@@ -31,7 +31,7 @@ def greedy_answers(
     editor: Editor, batch: Batch, capture: Capture, edited: bool, max_new_tokens: int
 ) -> list[str]:
     """Greedy answers of the clean (or, with `edited`, the edited) model to every row's prompt."""
-    if capture.kv is None:
+    if capture.kv is None or capture.position_shift is None:
         raise ValueError("decoding needs a capture taken with keep_kv=True")
     adapter = editor.adapter
     device = capture.x.device
@@ -43,8 +43,6 @@ def greedy_answers(
     )
     kv, mask = capture.kv, batch.prompt_mask.long()
     shift = capture.position_shift  # text-model position = token index + shift (M-RoPE)
-    if shift is None:
-        shift = torch.zeros_like(batch.prompt_lengths)
     stop = _stop_ids(editor)
     answers: list[list[int]] = [[] for _ in range(batch.size)]
     for step in range(max_new_tokens):

@@ -189,19 +189,21 @@ class _Run:
     post_answers: list[str] | None = None  # ... edited model
 
 
+def answer_tokens(config: EditorConfig, batch: Batch) -> int:
+    """How many tokens greedy answers may take: one past the longest expected answer shows
+    whether an answer stops; more only costs decode steps (`max_new_tokens` at most)."""
+    return min(config.max_new_tokens, int(batch.target_mask.sum(dim=1).max()) + 1)
+
+
 def generated_answers(
     editor: Editor, batch: Batch, edited: bool, capture: Capture | None = None
 ) -> list[str] | None:
     """Greedy answers to every probe's prompt (None when `generate_answers` is off): decoded
     from a capture with a KV cache (fast path, `editors.decoding`), else one `generate` per
     row. The clean side runs without the wrapper, so earlier sequential edits do not leak in."""
-    config = editor.config
-    if not config.generate_answers:
+    if not editor.config.generate_answers:
         return None
-    # One token past the longest expected answer shows whether an answer stops; more only
-    # costs decode steps.
-    longest = int(batch.target_mask.sum(dim=1).max())
-    max_new_tokens = min(config.max_new_tokens, longest + 1)
+    max_new_tokens = answer_tokens(editor.config, batch)
     if capture is not None and capture.kv is not None:
         return greedy_answers(editor, batch, capture, edited, max_new_tokens)
     if edited:

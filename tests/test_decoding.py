@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editors.adapters import ADAPTERS, VLMAdapter
-from editors.adapters.base import Batch
+from editors.adapters import VLMAdapter
+from editors.adapters.base import Batch, Capture
 from editors.adapters.random_models import random_adapter
 from editors.balancedit import BalancEdit
 from editors.base import Editor
@@ -54,9 +54,26 @@ def _editor(adapter: VLMAdapter, cls: type[Editor]) -> Editor:
     return cls(adapter, EditorConfig(editor=cls.name, **CONFIGS[cls]))
 
 
+def _answers_both_ways(
+    editor: Editor, batch: Batch, capture: Capture
+) -> tuple[list[str], list[str]]:
+    """(clean, edited) answers decoded from `capture`, each asserted equal to `generate` row
+    by row; the editor is restored."""
+    adapter = editor.adapter
+    clean = greedy_answers(editor, batch, capture, edited=False, max_new_tokens=NEW_TOKENS)
+    assert clean == adapter.generate(batch, NEW_TOKENS)
+    editor.edit(REQUEST)
+    try:
+        edited = greedy_answers(editor, batch, capture, edited=True, max_new_tokens=NEW_TOKENS)
+        assert edited == editor.generate(batch, NEW_TOKENS)
+    finally:
+        editor.restore()
+    return clean, edited
+
+
 @pytest.mark.parametrize("shared", [True, False], ids=["shared-prefix", "plain"])
 @pytest.mark.parametrize("cls", list(CONFIGS), ids=lambda c: c.name)
-@pytest.mark.parametrize("family", [f for f in FAMILIES if ADAPTERS[f].decodes_from_cache])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_decoded_answers_equal_generate(
     adapters: dict[str, VLMAdapter], family: str, cls: type[Editor], shared: bool
 ) -> None:
@@ -67,14 +84,7 @@ def test_decoded_answers_equal_generate(
         capture = adapter.capture(batch, editor.path, keep_kv=True)
         assert bool(adapter.prefix_groups(batch)) is (shared and adapter.shares_prefix)
     assert capture.kv is not None and len(capture.kv) == len(adapter.layers())
-    clean = greedy_answers(editor, batch, capture, edited=False, max_new_tokens=NEW_TOKENS)
-    assert clean == adapter.generate(batch, NEW_TOKENS)
-    editor.edit(REQUEST)
-    try:
-        edited = greedy_answers(editor, batch, capture, edited=True, max_new_tokens=NEW_TOKENS)
-        assert edited == editor.generate(batch, NEW_TOKENS)
-    finally:
-        editor.restore()
+    clean, edited = _answers_both_ways(editor, batch, capture)
     if cls is BalancEdit:  # the edit is reached, and with edit_eos its answer stops
         assert edited[0] == "lyon" != clean[0]
 
@@ -99,7 +109,7 @@ def test_decoding_needs_a_kept_cache(adapters: dict[str, VLMAdapter]) -> None:
         greedy_answers(editor, batch, adapter.capture(batch, editor.path), False, 2)
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if ADAPTERS[f].decodes_from_cache])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_kv_budget_counts_the_kept_cache(adapters: dict[str, VLMAdapter], family: str) -> None:
     adapter = adapters[family]
     batch = _probes(adapter)
@@ -153,12 +163,5 @@ def test_decoding_in_bfloat16(family: str) -> None:
     batch = _probes(adapter)
     capture = adapter.capture(batch, editor.path, keep_kv=True)
     assert capture.x.dtype == torch.bfloat16
-    clean = greedy_answers(editor, batch, capture, edited=False, max_new_tokens=NEW_TOKENS)
-    assert clean == adapter.generate(batch, NEW_TOKENS)
-    editor.edit(REQUEST)
-    try:
-        edited = greedy_answers(editor, batch, capture, edited=True, max_new_tokens=NEW_TOKENS)
-        assert edited == editor.generate(batch, NEW_TOKENS)
-    finally:
-        editor.restore()
+    _, edited = _answers_both_ways(editor, batch, capture)
     assert edited[0] == "lyon"

@@ -195,8 +195,6 @@ class VLMAdapter:
     shares_prefix: ClassVar[bool] = True
     # ... when that saves at least this many positions (each group costs two more forwards).
     prefix_min_saved: ClassVar[int] = 16
-    # Greedy answers may decode from a capture's KV cache (`decode_step`).
-    decodes_from_cache: ClassVar[bool] = True
     key_proj: ClassVar[str] = "self_attn.k_proj"  # in each decoder layer: sizes its KV cache
 
     def __init__(
@@ -480,7 +478,7 @@ class VLMAdapter:
         with torch.no_grad():
             features = self.image_features(self._cast(batch.pixel))
             last = layer_index == len(self.layers()) - 1
-            keep_kv = keep_kv and last and self.decodes_from_cache
+            keep_kv = keep_kv and last  # decoding needs the tail per position
             groups = self.prefix_groups(batch) if last else []
             if not groups:
                 cache = self._cache_kwargs(self.model) if keep_kv else {}
@@ -553,7 +551,7 @@ class VLMAdapter:
             for name in ("x", "resid", "final"):
                 put(name, rows, 0, head[name].expand(len(rows), -1, -1))
                 put(name, rows, prefix, tail[name])
-            shift[rows] = _prefix_shift(head.get("positions"), prefix)
+            shift[rows] = head["shift"]
             if kv:
                 kv.put(rows, group_kv)
         if kv is None:
@@ -581,10 +579,10 @@ class VLMAdapter:
         mask = batch.attention_mask[rows, :width]  # (a copy: list indexing)
         mask[:, :prefix] = 1
         ids = batch.input_ids[rows, prefix:width]
-        if head_record.get("positions") is not None:  # the model gave explicit positions
+        head_record["shift"] = _prefix_shift(head_record["positions"], prefix)
+        if head_record["positions"] is not None:  # the model gave explicit positions
             # (Qwen2-VL's M-RoPE): the suffixes' text tokens continue after the prefix's.
-            shift = _prefix_shift(head_record["positions"], prefix)
-            at = torch.arange(prefix, width, device=ids.device) + shift
+            at = torch.arange(prefix, width, device=ids.device) + head_record["shift"]
             kwargs = {**kwargs, "position_ids": at.expand(len(rows), -1)}
         tail_record = self._recorded(
             module_path,
