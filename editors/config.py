@@ -27,7 +27,9 @@ KeyVariant = Literal["reference", "question", "last_prompt", "two_part", "two_pa
 RadiusNegative = Literal["image", "text"]
 Distance = Literal["cosine", "euclidean"]
 NegativeSource = Literal["near_miss", "black", "white"]
+NegativeAnswer = Literal["target", "train_answer"]
 Family = Literal["auto", "llava", "blip2", "qwen2_vl", "idefics3", "smolvlm"]
+EditorPreset = Literal["default", "paper"]
 
 # Reference settings of each editor (design §7.1-7.2). Explicit arguments override them.
 EDITOR_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -81,6 +83,78 @@ KEY_VARIANTS: dict[str, tuple[KeyPart, ...]] = {
 }
 
 
+# The BalancEdit authors' code: github.com/donglgcn/EasyEdit, branch MMOKVQA. Read from
+# easyeditor/models/BalancEdit/{balancedit.py,utils.py}, the OK-VQA hparams
+# hparams/BalancEdit/{blip2,minigpt4}.yaml (what multimodal_edit.py's OK-VQA runs load) and the
+# model wrappers easyeditor/trainer/blip2_models/{blip2_opt.py,mini_gpt4.py}.
+AUTHORS_CODE = "github.com/donglgcn/EasyEdit (branch MMOKVQA)"
+# The two models the authors edited. okedit's Llama-style families take MiniGPT-4's settings:
+# like its Vicuna-7B they are Llama-family decoders (BLIP-2 is the only OPT one).
+AUTHORS_MODEL: dict[str, str] = {
+    "blip2": "BLIP-2 OPT-2.7B",
+    "llava": "MiniGPT-4 (Vicuna-7B)",
+    "qwen2_vl": "MiniGPT-4 (Vicuna-7B)",
+    "idefics3": "MiniGPT-4 (Vicuna-7B)",
+    "smolvlm": "MiniGPT-4 (Vicuna-7B)",
+}
+# Per authors' model: α (yaml `alpha`) and the wrapped module inside the last decoder layer
+# (yaml `inner_params`: OPT `layers[31].fc2`, Vicuna `layers[31].mlp.up_proj`, both the last).
+AUTHORS_ALPHA: dict[str, float] = {"BLIP-2 OPT-2.7B": 0.05, "MiniGPT-4 (Vicuna-7B)": 0.25}
+AUTHORS_MODULE: dict[str, str] = {"BLIP-2 OPT-2.7B": "fc2", "MiniGPT-4 (Vicuna-7B)": "mlp.up_proj"}
+# What both models share. lr: the yaml's edit_lr 0.01 times the 0.01 the code multiplies it by;
+# Adam's eps 1e-4 is hard-coded. The key is the module input averaged over every position of
+# the sequence (image tokens, question, appended target). The radius negative is the edit
+# question on an all-black image followed by the item's training near-miss answer (the code's
+# `debug` branch, the one that runs, reuses the locality tokens with the image blacked out).
+# No end-of-sequence token is trained (MiniGPT-4's end_sym is ''; BLIP-2 appends nothing), no
+# early stop, and each edit is undone before the next one.
+AUTHORS_SETTINGS: dict[str, Any] = {
+    "editor": "balancedit",
+    "key_variant": "reference",
+    "key_pooling": "mean_all",
+    "distance": "cosine",
+    "alpha_weights": "positive",
+    "negative": "black",
+    "negative_answer": "train_answer",
+    "lr": 1e-4,
+    "steps": 50,
+    "adam_eps": 1e-4,
+    "edit_eos": False,
+    "target_loss_stop": None,
+    "sequential": False,
+}
+# BLIP-2's text in the authors' code: the raw question, then " " + answer, tokenized without
+# special tokens (no BOS after the query tokens, no "Question: ... Answer:" wrapping).
+AUTHORS_BLIP2_TEMPLATE = "{image}{question}"
+# MiniGPT-4's: BOS, "###Human: <Img>", the image, "</Img> ", the question, " " + answer; no
+# "###Assistant:" turn. Another model's format: okedit's Llama-style families keep their own.
+AUTHORS_MINIGPT4_PROMPT = "<s>###Human: <Img>{image}</Img> {question} {answer}"
+
+
+def _authors_model(family: str) -> str:
+    if family not in AUTHORS_MODEL:
+        raise ValueError(
+            f"the paper preset needs the model family (blip2, llava, qwen2_vl, idefics3 or "
+            f"smolvlm) to pick the authors' α and module; got {family!r}"
+        )
+    return AUTHORS_MODEL[family]
+
+
+def _layers_path(family: str) -> str:
+    from editors.adapters import ADAPTERS  # the adapters import this module
+
+    return ADAPTERS[family].layers_path
+
+
+def authors_settings(family: str) -> dict[str, Any]:
+    """`EditorConfig` fields of BalancEdit as the authors' code runs it, for an okedit model
+    family: `AUTHORS_SETTINGS` plus the α and the wrapped module (in the last decoder layer)
+    of the authors' model that family maps to (`AUTHORS_MODEL`)."""
+    model = _authors_model(family)
+    module = f"{_layers_path(family)}.-1.{AUTHORS_MODULE[model]}"
+    return {**AUTHORS_SETTINGS, "alpha": AUTHORS_ALPHA[model], "module": module}
+
+
 def preset_name(model: str) -> str:
     """The `EDIT_PRESETS` key for a model id or path: an exact key, else a key contained in
     the model's last path component (e.g. `.okedit-cache/tiny-flagworld-v1`), else `default`."""
@@ -115,6 +189,10 @@ class EditorConfig(BaseModel):
     alpha: float = Field(default=0.05, ge=0.0, le=1.0)
     alpha_weights: Literal["positive", "negative"] = "positive"
     negative: NegativeSource = "near_miss"
+    # The answer after a black/white negative's question: the edit target, or the item's
+    # training near-miss answer `locality_answer_train` (the authors' code). A near-miss
+    # negative always takes that answer.
+    negative_answer: NegativeAnswer = "target"
     lr: float = Field(default=1e-4, gt=0.0)
     steps: int = Field(default=50, ge=0)
     adam_eps: float = Field(default=1e-4, gt=0.0)
@@ -143,7 +221,8 @@ class EditorConfig(BaseModel):
     generate_answers: bool = True
     max_new_tokens: int = Field(default=8, ge=1)  # capped at the longest answer + 1 token
     decode_kv_gb: float = Field(default=8.0, ge=0.0)
-    preset: str = "default"  # the EDIT_PRESETS entry the edit strength came from
+    # The EDIT_PRESETS entry the edit strength came from, or "paper" (`authors_settings`)
+    preset: str = "default"
     seed: int = 0
 
     @model_validator(mode="before")
@@ -184,10 +263,25 @@ class EditorConfig(BaseModel):
         return self.key_variant
 
     @classmethod
-    def for_model(cls, model: str, **overrides: Any) -> EditorConfig:
+    def for_model(
+        cls,
+        model: str,
+        *,
+        editor_preset: EditorPreset = "default",
+        family: str | None = None,
+        **overrides: Any,
+    ) -> EditorConfig:
         """Config for `model` (id or path): editor defaults, then the model's BalancEdit
-        edit-strength preset, then `overrides`."""
+        edit-strength preset, then `overrides`. `editor_preset="paper"` takes the authors'
+        settings for the model's `family` (`authors_settings`) instead of the preset; the
+        overrides still win."""
         editor = overrides.get("editor", "balancedit")
+        if editor_preset == "paper":
+            if editor != "balancedit":
+                raise ValueError(
+                    f"the paper preset is the authors' BalancEdit; editor {editor!r} has none"
+                )
+            return cls(**{**authors_settings(family or "auto"), "preset": "paper", **overrides})
         name = preset_name(model)
         preset = EDIT_PRESETS[name] if editor == "balancedit" else {}
         return cls(**{**preset, "preset": name, **overrides})
@@ -208,6 +302,9 @@ class ModelConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Prompt with an "{image}" and a "{question}" slot; None = the family's chat format.
     prompt_template: str | None = None
+    # BLIP-2: the text after the query tokens starts with BOS, as Blip2Processor does (the
+    # authors' code has none). Other families ignore it.
+    text_bos: bool = True
     name: str | None = None  # short name for reports and presets; default: path leaf
 
     @property
@@ -234,3 +331,167 @@ class ModelConfig(BaseModel):
         if device.type != "cuda":
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+Difference = dict[str, str]  # {"setting": ..., "this build": ..., "authors' code": ...}
+
+
+def _row(setting: str, this: str, authors: str) -> Difference:
+    return {"setting": setting, "this build": this, "authors' code": authors}
+
+
+def _negative_text(negative: str, answer: str) -> str:
+    if negative == "near_miss":
+        return "the training near-miss image + edit question + locality_answer_train"
+    said = "locality_answer_train" if answer == "train_answer" else "target"
+    return f"an all-{negative} image + edit question + {said}"
+
+
+def _setting_rows(config: EditorConfig, family: str) -> list[Difference]:
+    """Differences in what an `EditorConfig` controls (none under the paper preset)."""
+    from editors.adapters import ADAPTERS  # the adapters import this module
+
+    ours = config.model_dump()
+    authors = authors_settings(family)
+    model = _authors_model(family)
+    rows: list[Difference] = []
+    if config.editor != "balancedit":
+        rows.append(_row("editor", config.editor, "BalancEdit"))
+    default_module = f"{_layers_path(family)}.-1.{ADAPTERS[family].mlp_writer}"
+    module = (config.module or default_module).replace("[", ".").replace("]", "")
+    if module != authors["module"]:
+        rows.append(
+            _row(
+                "wrapped module",
+                config.module or f"{ADAPTERS[family].mlp_writer} of the last decoder layer",
+                f"{AUTHORS_MODULE[model]} of the last decoder layer, as in {model}",
+            )
+        )
+    if (config.key_variant, config.key_pooling) != ("reference", "mean_all"):
+        rows.append(
+            _row(
+                "routing key",
+                config.key_label,
+                "module input averaged over all positions (image, question, target)",
+            )
+        )
+    if config.distance != authors["distance"]:
+        rows.append(_row("distance", config.distance, "cosine (d = 1 − cos)"))
+    if (config.alpha, config.alpha_weights) != (authors["alpha"], authors["alpha_weights"]):
+        term = "d(k, k_pos)" if config.alpha_weights == "positive" else "d(k, k_neg)"
+        rows.append(
+            _row(
+                "radius α",
+                f"{config.alpha:g} on {term}",
+                f"{authors['alpha']:g} on d(k, k_pos), as for {model}",
+            )
+        )
+    if (config.negative, config.negative_answer) != (
+        authors["negative"],
+        authors["negative_answer"],
+    ):
+        rows.append(
+            _row(
+                "radius negative",
+                _negative_text(config.negative, config.negative_answer),
+                _negative_text(authors["negative"], authors["negative_answer"]),
+            )
+        )
+    for name, setting in (
+        ("lr", "learning rate"),
+        ("steps", "Adam steps"),
+        ("adam_eps", "Adam eps"),
+    ):
+        if ours[name] != authors[name]:
+            rows.append(_row(setting, f"{ours[name]:g}", f"{authors[name]:g}"))
+    if config.target_loss_stop is not None:
+        rows.append(_row("early stop", f"at target loss < {config.target_loss_stop:g}", "none"))
+    if config.edit_eos:
+        rows.append(_row("end-of-sequence token", "trained after the target", "not trained"))
+    if config.sequential:
+        rows.append(
+            _row("edits", "sequential, one codebook", "single, each undone before the next")
+        )
+    return rows
+
+
+def _prompt_row(family: str, prompt_template: str | None, text_bos: bool) -> Difference | None:
+    """BLIP-2's prompt (a setting: `ModelConfig.prompt_template` and `text_bos`)."""
+    from editors.adapters import ADAPTERS  # the adapters import this module
+
+    template = prompt_template or ADAPTERS[family].default_template
+    if template == AUTHORS_BLIP2_TEMPLATE and not text_bos:
+        return None
+    bos = ", BOS after the image tokens" if text_bos else ", no BOS"
+    return _row("prompt", f"`{template}`{bos}", f"`{AUTHORS_BLIP2_TEMPLATE}`, no BOS")
+
+
+def _inherent_rows(
+    config: EditorConfig, family: str, prompt_template: str | None
+) -> list[Difference]:
+    """Differences no okedit setting removes: other models, preprocessing, precision."""
+    model = _authors_model(family)
+    rows: list[Difference] = []
+    if family != "blip2":
+        rows.append(_row("model", family, f"{model}, whose α and module it takes"))
+        rows.append(
+            _row(
+                "prompt",
+                f"`{prompt_template}`" if prompt_template else "the family's chat format",
+                f"`{AUTHORS_MINIGPT4_PROMPT}` (MiniGPT-4's, no ###Assistant: turn)",
+            )
+        )
+    rows.append(
+        _row(
+            "image preprocessing",
+            "the model's own image processor",
+            "BlipImageEvalProcessor at 364×364 px for both models",
+        )
+    )
+    rows.append(
+        _row(
+            "trained copy",
+            "float32 copy of the module",
+            "copy in the language model's dtype (float16)",
+        )
+    )
+    if config.generate_answers:
+        rows.append(
+            _row(
+                "routing while generating",
+                "decided once from the prompt",
+                "recomputed at every forward (teacher-forced metrics only)",
+            )
+        )
+    return rows
+
+
+def differences_from_authors(
+    config: EditorConfig,
+    family: str,
+    prompt_template: str | None = None,
+    text_bos: bool = True,
+    *,
+    inherent: bool = True,
+) -> list[Difference]:
+    """Every way a BalancEdit run with `config` on a model of `family` (blip2, llava,
+    qwen2_vl, idefics3, smolvlm) differs from the authors' code (`AUTHORS_CODE`), as rows
+    `{"setting", "this build", "authors' code"}` for the dataset card.
+
+    `prompt_template` is the template the adapter used (`VLMAdapter.prompt_template`; None =
+    the family default), `text_bos` `ModelConfig.text_bos`. With `inherent=False` only the
+    differences a setting can remove are listed (the model itself, its image processor, the
+    copy's precision and routing while generating are left out).
+    """
+    rows = _setting_rows(config, family)
+    prompt = _prompt_row(family, prompt_template, text_bos) if family == "blip2" else None
+    rows += [prompt] if prompt is not None else []
+    return rows + (_inherent_rows(config, family, prompt_template) if inherent else [])
+
+
+def is_authors_settings(
+    config: EditorConfig, family: str, prompt_template: str | None = None, text_bos: bool = True
+) -> bool:
+    """True when every setting okedit controls equals the authors' code (`--editor-preset
+    paper`): `differences_from_authors` lists only differences no setting removes."""
+    return not differences_from_authors(config, family, prompt_template, text_bos, inherent=False)

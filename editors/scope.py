@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Literal
 
@@ -93,7 +94,9 @@ def make_editor(adapter: VLMAdapter, config: EditorConfig) -> Editor:
 
 def negative_prompt(record: OkeditRecord, config: EditorConfig) -> Prompt:
     """The negative that sets BalancEdit's radius: the item's training near-miss (question +
-    `locality_image_train` -> `locality_answer_train`), or the edit text on a black/white image."""
+    `locality_image_train` -> `locality_answer_train`), or the edit question on a black/white
+    image followed by the target or, as the authors' code does
+    (`negative_answer="train_answer"`), by `locality_answer_train`."""
     if config.negative == "near_miss":
         if not record.locality_image_train or not record.locality_answer_train.strip():
             raise ScopeInputError(
@@ -103,7 +106,13 @@ def negative_prompt(record: OkeditRecord, config: EditorConfig) -> Prompt:
         return Prompt(record.locality_image_train, record.question, record.locality_answer_train)
     colour = (0, 0, 0) if config.negative == "black" else (255, 255, 255)
     plain = Image.new("RGB", to_pil(record.image).size, colour)
-    return Prompt(plain, record.question, record.target)
+    if config.negative_answer == "target":
+        return Prompt(plain, record.question, record.target)
+    if not record.locality_answer_train.strip():
+        raise ScopeInputError(
+            "negative_answer='train_answer' needs locality_answer_train, which is empty"
+        )
+    return Prompt(plain, record.question, record.locality_answer_train)
 
 
 def training_text_negative(record: OkeditRecord, config: EditorConfig) -> int | None:
@@ -392,8 +401,13 @@ def validate_record(
     record: OkeditRecord,
     editor: Editor,
     model_name: str = "",
+    screen: Callable[[list[ProbeResult]], Collection[str]] | None = None,
 ) -> Validation:
     """Edit the model with `record`, probe its scope, return the filled `Validation`.
+
+    `screen` sees every probe result (pre-edit answers included) and names the probes
+    (`kind[index]`) to leave out of the verdict, the metrics and the stored probes: the
+    item check's bad probes, which say nothing about the editor.
 
     Never raises for a bad item: the verdict is then "error" with the cause. Outside
     sequential mode the editor is restored afterwards (the next item sees a clean model).
@@ -413,6 +427,9 @@ def validate_record(
         kept = [
             exact_match(post, pre.argmax(-1)) for pre, post in zip(run.pre, run.post, strict=True)
         ]
+        left_out = set(screen(results)) if screen is not None else set()
+        pairs = [(p, k) for p, k in zip(results, kept, strict=True) if _name(p) not in left_out]
+        results, kept = [p for p, _ in pairs], [k for _, k in pairs]
         epsilon = _reported_epsilon(run.outcome)
         name, reason, in_ok, out_ok = verdict(
             results, kept, epsilon, config.negative, config.ambiguity

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import statistics
 from collections import Counter
 from pathlib import Path
 
 import polars as pl
 
+from pipeline.check import REASONS, check_summary
 from schemas.features import GENERATION_METRICS, stats_frame
 from schemas.record import OkeditRecord, Rejection
 
@@ -64,6 +66,7 @@ def validation_table(records: list[OkeditRecord]) -> str:
     if frame.is_empty():
         return "Validation was not run for this build."
     verdicts = frame.group_by("verdict").len("items").sort("verdict")
+    verdicts = verdicts.rename({"verdict": "editor verdict"})
     metric_cols = [
         "reliability",
         "text_generality",
@@ -90,40 +93,159 @@ def validation_table(records: list[OkeditRecord]) -> str:
             + "VQA-normalised):\n\n"
             + _markdown_table(gen_means)
         )
-    return text
+    return text + "\n\n" + scope_table(records)
+
+
+def scope_table(records: list[OkeditRecord]) -> str:
+    """Per probe family: routed share and median d/ε over items; how many items some radius
+    could separate, and which training negative set ε."""
+    summaries = [r.validation.edit for r in records if r.validation.edit.families]
+    if not summaries:
+        return ""
+    rows = []
+    for family in PLOT_FAMILIES:
+        scopes = [f for s in summaries for f in s.families if f.family == family]
+        if scopes:
+            rows.append(
+                {
+                    "probe family": family,
+                    "items": len(scopes),
+                    "routed share": sum(f.routed_share for f in scopes) / len(scopes),
+                    "median d/ε": statistics.median(f.median_relative_distance for f in scopes),
+                }
+            )
+    separable = sum(s.separable for s in summaries)
+    set_by = Counter(s.epsilon_set_by for s in summaries)
+    negatives = ", ".join(f"`{k}` {n}" for k, n in set_by.most_common())
+    return (
+        "Where the probes fell (d/ε < 1: routed to the edit):\n\n"
+        + _markdown_table(pl.DataFrame(rows))
+        + f"\n\nSome radius separates every positive from every negative in {separable} of "
+        + f"{len(summaries)} items; ε was set by: {negatives}."
+    )
+
+
+PLOT_FAMILIES = {
+    "edit": "tab:green",
+    "rephrase": "tab:olive",
+    "image_rephrase": "tab:cyan",
+    "locality": "tab:red",
+    "text_negative": "tab:orange",
+}
+
+
+CHECK_INTRO = """Each item carries two outcomes. **`check`** says whether the item is sound
+benchmark data, from what the *unedited* model answers, from the annotation and from text
+similarity: `sound`; `unsound` (e.g. an image rephrase that shows something else, a near-miss
+answered with the original answer, a target that is a gold answer; single bad probes are
+dropped from the item and listed, too many make it unsound); `model_gap` (the model does not
+know the original fact, so an edit would insert a fact rather than change one: kept and
+labelled). **`edit`** is what the editor did on the item (reliability, generality, locality,
+where each probe family fell relative to the radius ε, and whether any radius separates the
+positives from the negatives): the benchmark figure, reported and never used to filter. The
+editor outcome on the validation model — here possibly a tiny model — is not a property of
+the item."""
+
+PER_ITEM_ROWS = 200  # larger builds list their items in checks.parquet instead
+
+
+def reason_counts(records: list[OkeditRecord]) -> Counter[str]:
+    """Items per check reason code (each item counted once per code)."""
+    return Counter(code for r in records for code in {x.code for x in r.validation.check.reasons})
+
+
+def check_table(records: list[OkeditRecord]) -> str:
+    """Items per check status, then per reason (items, probes dropped, meaning)."""
+    statuses = Counter(r.validation.check.status for r in records)
+    if not records or set(statuses) == {"not_run"}:
+        return "The item check was not run for this build."
+    status_frame = pl.DataFrame(
+        [{"check": k, "items": v} for k, v in sorted(statuses.items())],
+        schema={"check": pl.String, "items": pl.Int64},
+    )
+    dropped = Counter(x.code for r in records for x in r.validation.check.reasons if x.dropped)
+    rows = [
+        {"reason": code, "items": n, "probes dropped": dropped[code], "meaning": REASONS[code]}
+        for code, n in reason_counts(records).most_common()
+    ]
+    schema = {"reason": pl.String, "items": pl.Int64, "probes dropped": pl.Int64}
+    reasons = pl.DataFrame(rows, schema={**schema, "meaning": pl.String})
+    text = _markdown_table(status_frame) + "\n\nReasons:\n\n"
+    return text + (_markdown_table(reasons) if rows else "None: every check passed.")
+
+
+def check_rows(records: list[OkeditRecord]) -> pl.DataFrame:
+    """One row per item: id, check status and reasons, and a short editor outcome."""
+    rows = []
+    for r in records:
+        v = r.validation
+        rows.append(
+            {
+                "item_id": r.item_id,
+                "check": v.check.status,
+                "reasons": check_summary(r).split(": ", 1)[1],
+                "dropped": ", ".join(x.probe for x in v.check.reasons if x.dropped) or "-",
+                "editor verdict": v.verdict,
+                "reliability": v.metrics.reliability,
+                "T-Gen": v.metrics.text_generality,
+                "I-Gen": v.metrics.image_generality,
+                "Loc": v.metrics.locality_agreement,
+                "margin (×ε)": v.edit.margin,
+            }
+        )
+    return pl.DataFrame(rows)
+
+
+def per_item_section(records: list[OkeditRecord], checks_file: str | None) -> str:
+    if not records:
+        return ""
+    if len(records) > PER_ITEM_ROWS or checks_file is None:
+        where = f"[`{checks_file}`]({checks_file})" if checks_file else "the parquet"
+        return f"Per-item check and editor outcome: {where} (one row per item)."
+    return "Per item:\n\n" + _markdown_table(check_rows(records))
+
+
+def write_checks(records: list[OkeditRecord], path: Path) -> Path:
+    """`checks.parquet`: the per-item rows of the card, for builds too large to list."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame = check_rows(records) if records else pl.DataFrame()
+    frame.write_parquet(path)
+    return path
 
 
 def plot_scope(records: list[OkeditRecord], path: Path) -> Path | None:
-    """Per item, each probe's distance to the edit key divided by ε (1.0 = the radius)."""
+    """Fixed-size figure, readable at any number of items: histograms of d/ε per probe family
+    (1.0 = the radius; left of it = routed to the edit) and a bar chart of the check's reasons."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     validated = [r for r in records if r.validation.epsilon > 0 and r.validation.probes]
-    if not validated:
+    reasons = reason_counts(records)
+    if not validated and not reasons:
         return None
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(validated) + 2), 4), dpi=120)
-    styles = {
-        "positive": ("tab:green", "o", POSITIVE_KINDS),
-        "near-miss image": ("tab:red", "x", ("locality",)),
-        "text negative": ("tab:orange", "^", ("text_negative",)),
-    }
-    for label, (color, marker, kinds) in styles.items():
-        xs, ys = [], []
-        for i, record in enumerate(validated):
-            eps = record.validation.epsilon
-            for probe in record.validation.probes:
-                if probe.kind in kinds:
-                    xs.append(i)
-                    ys.append(probe.distance / eps)
-        ax.scatter(xs, ys, s=12, c=color, marker=marker, label=label, alpha=0.7)
-    ax.axhline(1.0, color="black", lw=1, ls="--", label="radius ε")
-    ax.set_yscale("symlog", linthresh=1.0)
-    ax.set_xlabel("item")
-    ax.set_ylabel("distance to edit key / ε")
-    ax.set_title("Influence scope per item (below the line = routed to the edit)")
-    ax.legend(fontsize=7, loc="upper left")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
+    bins = [i / 10 for i in range(0, 41)]  # d/ε from 0 to 4; farther probes in the last bin
+    for family, color in PLOT_FAMILIES.items():
+        values = [
+            min(p.distance / r.validation.epsilon, 4.0)
+            for r in validated
+            for p in r.validation.probes
+            if p.kind == family
+        ]
+        if values:
+            left.hist(values, bins=bins, histtype="step", color=color, label=family, lw=1.5)
+    left.axvline(1.0, color="black", lw=1, ls="--", label="radius ε")
+    left.set_xlabel("distance to the edit key / ε (clipped at 4)")
+    left.set_ylabel("probes")
+    left.set_title(f"Editor: where probes fall ({len(validated)} items)")
+    left.legend(fontsize=7)
+    codes = sorted(reasons, key=lambda code: -reasons[code])
+    right.barh(codes, [reasons[c] for c in codes], color="tab:gray")
+    right.invert_yaxis()
+    right.set_xlabel("items")
+    right.set_title("Item check: reasons")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -155,7 +277,11 @@ pretty_name: OKEDIT ({source})
 
 
 def render_card(
-    records: list[OkeditRecord], rejections: list[Rejection], manifest: dict, plot: str | None
+    records: list[OkeditRecord],
+    rejections: list[Rejection],
+    manifest: dict,
+    plot: str | None,
+    checks_file: str | None = None,
 ) -> str:
     source = manifest["config"]["source"]["name"]
     license_key = "flagworld" if source == "flagworld" else "okvqa"
@@ -209,7 +335,17 @@ Rejections:
 
 {rejection_table(rejections)}
 
-## Validation (BalancEdit scope check)
+## Validation: item check and editor outcome
+
+{CHECK_INTRO}
+
+### Item check
+
+{check_table(records)}
+
+{per_item_section(records, checks_file)}
+
+### Editor outcome
 
 {validation_table(records)}
 

@@ -109,6 +109,20 @@ EDITOR_HELP = "balancedit | grace | ft"
 KEY_HELP = "routing key: last_prompt (default) | reference (the paper's) | question | two_part"
 ALPHA_HELP = "BalancEdit's α: weight of d(k, k_pos) in the radius"
 GENERATE_HELP = "also score greedy answers before/after each edit (slow on CPU)"
+PRESET_HELP = (
+    "default | paper: BalancEdit as its authors' code runs it (docs/usage.md); "
+    "--key-variant and --alpha still override it"
+)
+FILTER_HELP = (
+    "drop items by their check: none | unsound | model-gap (unsound and model_gap); "
+    "never by the editor outcome"
+)
+FILTER_SCOPE_HELP = "alias of --filter unsound"
+
+
+def filter_mode(item_filter: str, filter_scope: bool) -> str:
+    """`--filter`, with the older `--filter-scope` meaning `--filter unsound`."""
+    return "unsound" if filter_scope and item_filter == "none" else item_filter
 
 
 def editor_overrides(
@@ -146,9 +160,9 @@ def build(
     key_variant: Annotated[Optional[str], typer.Option(help=KEY_HELP)] = None,  # noqa: UP045
     alpha: Annotated[Optional[float], typer.Option(help=ALPHA_HELP)] = None,  # noqa: UP045
     generate: Annotated[bool, typer.Option(help=GENERATE_HELP)] = True,
-    filter_scope: Annotated[
-        bool, typer.Option("--filter-scope", help="drop items whose scope is ambiguous")
-    ] = False,
+    editor_preset: Annotated[str, typer.Option(help=PRESET_HELP)] = "default",
+    item_filter: Annotated[str, typer.Option("--filter", help=FILTER_HELP)] = "none",
+    filter_scope: Annotated[bool, typer.Option("--filter-scope", help=FILTER_SCOPE_HELP)] = False,
     repo_id: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(help="then push to this Hub dataset repo (token from HF_TOKEN)"),
@@ -190,8 +204,9 @@ def build(
     validation: dict = {
         "enabled": validate,
         "device": device,
-        "filter_scope": filter_scope,
+        "filter": filter_mode(item_filter, filter_scope),
         "editor": editor_overrides(editor, key_variant, alpha, generate),
+        "editor_preset": editor_preset,
     }
     if model:
         validation["model"] = model
@@ -244,7 +259,9 @@ def validate_cmd(
     key_variant: Annotated[Optional[str], typer.Option(help=KEY_HELP)] = None,  # noqa: UP045
     alpha: Annotated[Optional[float], typer.Option(help=ALPHA_HELP)] = None,  # noqa: UP045
     generate: Annotated[bool, typer.Option(help=GENERATE_HELP)] = True,
-    filter_scope: Annotated[bool, typer.Option("--filter-scope")] = False,
+    editor_preset: Annotated[str, typer.Option(help=PRESET_HELP)] = "default",
+    item_filter: Annotated[str, typer.Option("--filter", help=FILTER_HELP)] = "none",
+    filter_scope: Annotated[bool, typer.Option("--filter-scope", help=FILTER_SCOPE_HELP)] = False,
     out: Annotated[Optional[Path], typer.Option(help="write here (default: in place)")] = None,  # noqa: UP045
 ) -> None:
     """Re-validate an existing dataset folder with BalancEdit and refresh its card."""
@@ -252,7 +269,15 @@ def validate_cmd(
 
     overrides = editor_overrides(editor, key_variant, alpha, generate)
     try:
-        summary = revalidate_folder(dataset, out or dataset, model, device, filter_scope, overrides)
+        summary = revalidate_folder(
+            dataset,
+            out or dataset,
+            model,
+            device,
+            filter_mode=filter_mode(item_filter, filter_scope),
+            editor=overrides,
+            editor_preset=editor_preset,
+        )
     except (FileNotFoundError, ValueError) as exc:
         _fail(_friendly(exc))
     _print_summary(summary)

@@ -8,6 +8,7 @@ refused instead of mixed in.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -15,7 +16,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from editors.config import EditorConfig, ModelConfig
+from editors.config import (
+    AUTHORS_BLIP2_TEMPLATE,
+    EditorConfig,
+    EditorPreset,
+    ModelConfig,
+    differences_from_authors,
+)
+from pipeline.check import CheckConfig, FilterMode
 from pipeline.quality import QualityConfig
 
 SourceName = Literal["flagworld", "okvqa-hub", "okvqa-files"]
@@ -111,6 +119,25 @@ VALIDATION_KEY_VARIANT = "last_prompt"
 VALIDATION_EDIT_EOS = True
 
 
+@functools.lru_cache(maxsize=32)
+def model_family(model: str) -> str:
+    """The adapter family (blip2, llava, ...) of a model id or local folder, without loading
+    its weights: `okedit.json` beside a local model, else its config's `model_type` (read from
+    the folder or the Hub cache; fetched from the Hub otherwise, as loading the model would)."""
+    import transformers
+
+    from editors.adapters import family_of, read_meta
+
+    family = read_meta(model).get("family")
+    if family:
+        return str(family)
+    try:
+        config = transformers.AutoConfig.from_pretrained(model)
+    except OSError as exc:
+        raise ValueError(f"cannot read the config of model {model!r}: {exc}") from None
+    return family_of(config.model_type)
+
+
 class ValidateSettings(BaseModel):
     enabled: bool = True
     model: str = TINY_MODEL  # or a Hub id or local path
@@ -118,7 +145,14 @@ class ValidateSettings(BaseModel):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     # EditorConfig fields that override the editor defaults and the model's preset
     editor: dict[str, Any] = Field(default_factory=dict)
-    filter_scope: bool = False  # drop `ambiguous` items from the published set
+    # which items the item check drops from the published set (`pipeline.check`); never the
+    # editor outcome
+    filter: FilterMode = "none"
+    check: CheckConfig = Field(default_factory=CheckConfig)
+    # "paper": BalancEdit as its authors' code runs it, for the model's family
+    # (`editors.config.authors_settings`; BLIP-2 then reads the raw question). Instead of the
+    # validation defaults above and the model's edit-strength preset; `editor` still overrides.
+    editor_preset: EditorPreset = "default"
 
     def model_settings(self) -> ModelConfig:
         if self.model == TINY_MODEL:
@@ -129,10 +163,32 @@ class ValidateSettings(BaseModel):
                 raise FileNotFoundError(
                     f"the tiny flagworld VLM is missing at {path}; run `okedit tiny-model train`"
                 )
-            return ModelConfig(
+            config = ModelConfig(
                 model=str(path), name=TINY_MODEL, device=self.device, dtype=self.dtype
             )
-        return ModelConfig(model=self.model, device=self.device, dtype=self.dtype)
+        else:
+            config = ModelConfig(model=self.model, device=self.device, dtype=self.dtype)
+        if self.editor_preset == "paper" and model_family(config.model) == "blip2":
+            return config.model_copy(
+                update={"prompt_template": AUTHORS_BLIP2_TEMPLATE, "text_bos": False}
+            )
+        return config
+
+    def family(self) -> str:
+        """The model's adapter family, read without loading the model."""
+        return model_family(self.model_settings().model)
+
+    def differences_from_authors(self) -> list[dict[str, str]]:
+        """How this validation differs from the BalancEdit authors' code, as rows
+        `{"setting", "this build", "authors' code"}` (`editors.config.differences_from_authors`).
+        Under `editor_preset="paper"` only what no setting changes is left (e.g. the model)."""
+        from editors.adapters import read_meta
+
+        model = self.model_settings()
+        template = model.prompt_template or read_meta(model.model).get("prompt_template")
+        return differences_from_authors(
+            self.editor_settings(), self.family(), template, model.text_bos
+        )
 
     @model_validator(mode="after")
     def _editor_settings_build(self) -> ValidateSettings:
@@ -144,6 +200,10 @@ class ValidateSettings(BaseModel):
         return self
 
     def editor_settings(self) -> EditorConfig:
+        if self.editor_preset == "paper":
+            return EditorConfig.for_model(
+                self.model, editor_preset="paper", family=self.family(), **self.editor
+            )
         defaults: dict[str, Any] = {"edit_eos": VALIDATION_EDIT_EOS}
         if self.editor.get("editor", "balancedit") == "balancedit":
             defaults["key_variant"] = VALIDATION_KEY_VARIANT

@@ -25,17 +25,25 @@ The API key is a `SecretStr`: it is never logged, cached, or part of a cache key
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import json
 import logging
 import os
+import random
+import re
+import socket
 import sqlite3
 import threading
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import openai
 from openai.types.chat import ChatCompletion
@@ -111,12 +119,17 @@ class LLMConfig(BaseModel):
     timeout_s: float = Field(60.0, gt=0)
     connect_timeout_s: float = Field(10.0, gt=0)
     max_retries: int = Field(4, ge=0)  # the openai client's retries: 429, 5xx, timeouts
+    # The limits below hold for all clients with the same `build_id` and `cache_path`,
+    # in any number of threads and processes (the ledger in the request database).
     requests_per_minute: float | None = Field(None, gt=0)
     tokens_per_minute: float | None = Field(None, gt=0)
     concurrency: int = Field(16, ge=1)  # requests in flight
     prices: dict[str, ModelPrice] = Field(default_factory=default_prices)
     budget_usd: float | None = Field(None, ge=0)
     cache_path: Path | None = Path(".okedit-cache/llm-cache.sqlite")  # None: no cache
+    # Whose account the requests go to: one budget, concurrency, rate limit and usage report
+    # per build id in the request database. None: this client's own (a fresh id).
+    build_id: str | None = None
     structured_output: StructuredMode = "auto"
     # OpenAI Batch API: requests are queued and sent as one batch per round (50 % price)
     batch_mode: bool = False
@@ -135,6 +148,15 @@ class LLMConfig(BaseModel):
     def _batch_needs_cache(self) -> LLMConfig:
         if self.batch_mode and self.cache_path is None:
             raise ValueError("batch_mode needs cache_path: batch results arrive through the cache")
+        return self
+
+    @model_validator(mode="after")
+    def _budget_needs_price(self) -> LLMConfig:
+        if self.budget_usd is not None and self.price() is None:
+            raise ValueError(
+                f"budget_usd cannot be enforced: no price for model {self.model!r}; add one "
+                "to prices (USD per 1M prompt/completion tokens)"
+            )
         return self
 
     def resolved_base_url(self) -> str | None:
@@ -163,16 +185,31 @@ class LLMFatalError(RuntimeError):
 
 
 class BudgetExceededError(LLMFatalError):
-    """The next request could push the spend over `LLMConfig.budget_usd`; nothing was sent."""
+    """The next request could push the build's spend over `LLMConfig.budget_usd`; it was not
+    sent. `spent_usd` is what the build (every process, every run) has spent so far."""
 
-    def __init__(self, spent_usd: float, budget_usd: float, partial: list[Any] | None = None):
+    def __init__(
+        self,
+        spent_usd: float,
+        budget_usd: float,
+        partial: list[Any] | None = None,
+        reserved_usd: float = 0.0,
+    ):
+        in_flight = (
+            f" (+ ${reserved_usd:.6f} reserved by requests in flight)" if reserved_usd else ""
+        )
         super().__init__(
-            f"LLM budget cap reached: spent ${spent_usd:.4f} of ${budget_usd:.4f}; "
-            "raise budget_usd and re-run (finished requests are cached and cost nothing)"
+            f"LLM budget cap reached: spent ${spent_usd:.6f} of ${budget_usd:.6f}{in_flight}; "
+            "raise the budget (--llm-budget-usd) and re-run: finished requests are cached and "
+            "cost nothing"
         )
         self.spent_usd = spent_usd
         self.budget_usd = budget_usd
+        self.reserved_usd = reserved_usd
         self.partial: list[Any] = partial or []
+
+    def __reduce__(self) -> tuple[Any, ...]:  # crosses process boundaries (Dask, pickling)
+        return (type(self), (self.spent_usd, self.budget_usd, self.partial, self.reserved_usd))
 
 
 @dataclass(frozen=True)
@@ -303,54 +340,420 @@ class RequestCache:
             self._conn.close()
 
 
+# --------------------------------------------------------------------------- ledger
+
+HOST = socket.gethostname()
+RETRY_CAUSES = ("rate_limited", "server_error", "timeout", "connection")
+
+_LEDGER_SCHEMA = (
+    # one row per HTTP request sent (every attempt: votes, re-asks, retries, failures) and
+    # per cache hit; cost at the price of the model when the row was written
+    "CREATE TABLE IF NOT EXISTS ledger (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+    "build TEXT NOT NULL, at TEXT NOT NULL, model TEXT NOT NULL, template TEXT NOT NULL, "
+    "event TEXT NOT NULL, outcome TEXT NOT NULL, retried INTEGER NOT NULL, "
+    "sample INTEGER NOT NULL, attempt INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL, "
+    "completion_tokens INTEGER NOT NULL, cost_usd REAL NOT NULL, priced INTEGER NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS ledger_build ON ledger (build)",
+    # worst-case cost of requests in flight, so that no process overshoots the cap
+    "CREATE TABLE IF NOT EXISTS budget_holds (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+    "build TEXT NOT NULL, usd REAL NOT NULL, host TEXT NOT NULL, pid INTEGER NOT NULL, "
+    "expires REAL NOT NULL)",
+    # one row per request in flight: the build's concurrency across processes
+    "CREATE TABLE IF NOT EXISTS slots (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+    "build TEXT NOT NULL, host TEXT NOT NULL, pid INTEGER NOT NULL, expires REAL NOT NULL)",
+    # the build's token buckets (requests/min, tokens/min)
+    "CREATE TABLE IF NOT EXISTS rate_buckets (build TEXT PRIMARY KEY, requests REAL NOT NULL, "
+    "tokens REAL NOT NULL, updated REAL NOT NULL)",
+)
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    """One request sent (`event="request"`) or answered from the cache (`"cache_hit"`)."""
+
+    event: Literal["request", "cache_hit"]
+    outcome: str  # "ok", a FailureKind ("rate_limited", "parse", "refusal", ...) or "fatal"
+    model: str = ""
+    template: str = ""
+    retried: bool = False  # a transient failure that was followed by another attempt
+    sample: int = 0
+    attempt: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    priced: bool = True  # False: no price for the model, the cost is unknown (tokens only)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Ledger:
+    """The build's shared account in the request database (the SQLite file of the cache):
+    spend, budget holds, concurrency slots, rate buckets and the usage of every request.
+
+    Every reservation and settlement is one `BEGIN IMMEDIATE` transaction, so all processes
+    of a build (threads, Dask workers, deployment runs on this machine) draw on one budget,
+    one concurrency and one rate limit. A hold or slot of a process that died is freed when
+    its lease expires, or at once when it ran on this host and its pid is gone.
+    `":memory:"` keeps the account in this process only (no request database).
+    """
+
+    def __init__(self, path: Path | str):
+        self.shared = str(path) != ":memory:"
+        if self.shared:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(
+            str(path), timeout=60.0, check_same_thread=False, isolation_level=None
+        )
+        with self._lock:
+            if self.shared:
+                self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            for statement in _LEDGER_SCHEMA:
+                self._conn.execute(statement)
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    @staticmethod
+    def _purge(conn: sqlite3.Connection, table: str, now: float) -> None:
+        """Drop the leases of dead holders (`table` is one of ours, never user input)."""
+        conn.execute(f"DELETE FROM {table} WHERE expires < ?", (now,))
+        pids = conn.execute(f"SELECT DISTINCT pid FROM {table} WHERE host = ?", (HOST,))
+        dead = [(HOST, pid) for (pid,) in pids.fetchall() if pid != os.getpid() and not _alive(pid)]
+        if dead:
+            conn.executemany(f"DELETE FROM {table} WHERE host = ? AND pid = ?", dead)
+
+    @staticmethod
+    def _spent(conn: sqlite3.Connection, build: str) -> float:
+        row = conn.execute(
+            "SELECT COALESCE(SUM(cost_usd), 0) FROM ledger WHERE build = ?", (build,)
+        )
+        return float(row.fetchone()[0])
+
+    def spent(self, build: str) -> float:
+        with self._lock:
+            return self._spent(self._conn, build)
+
+    # ---- budget
+
+    def reserve(self, build: str, usd: float, budget: float | None, ttl_s: float) -> int | None:
+        """Hold `usd` (a worst case) for one request or batch; raises `BudgetExceededError`
+        when spent + held + `usd` would pass `budget`. None when there is no budget."""
+        if budget is None:
+            return None
+        now = time.time()
+        with self._tx() as conn:
+            self._purge(conn, "budget_holds", now)
+            spent = self._spent(conn, build)
+            held = conn.execute(
+                "SELECT COALESCE(SUM(usd), 0) FROM budget_holds WHERE build = ?", (build,)
+            ).fetchone()[0]
+            if spent + held + usd > budget:
+                raise BudgetExceededError(spent, budget, reserved_usd=float(held))
+            cursor = conn.execute(
+                "INSERT INTO budget_holds (build, usd, host, pid, expires) VALUES (?, ?, ?, ?, ?)",
+                (build, usd, HOST, os.getpid(), now + ttl_s),
+            )
+            return cursor.lastrowid
+
+    def settle(self, build: str, hold: int | None, rows: list[UsageRow]) -> None:
+        """Release a hold and write what the request(s) really cost, in one transaction."""
+        at = _now()
+        with self._tx() as conn:
+            if hold is not None:
+                conn.execute("DELETE FROM budget_holds WHERE id = ?", (hold,))
+            conn.executemany(
+                "INSERT INTO ledger (build, at, model, template, event, outcome, retried, sample, "
+                "attempt, prompt_tokens, completion_tokens, cost_usd, priced) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        build,
+                        at,
+                        r.model,
+                        r.template,
+                        r.event,
+                        r.outcome,
+                        int(r.retried),
+                        r.sample,
+                        r.attempt,
+                        r.prompt_tokens,
+                        r.completion_tokens,
+                        r.cost_usd,
+                        int(r.priced),
+                    )
+                    for r in rows
+                ],
+            )
+
+    # ---- concurrency
+
+    def acquire_slot(self, build: str, limit: int, ttl_s: float) -> int:
+        """Block until fewer than `limit` requests of the build are in flight; the slot id."""
+        delay = 0.005
+        while True:
+            now = time.time()
+            with self._tx() as conn:
+                self._purge(conn, "slots", now)
+                (held,) = conn.execute(
+                    "SELECT COUNT(*) FROM slots WHERE build = ?", (build,)
+                ).fetchone()
+                if held < limit:
+                    cursor = conn.execute(
+                        "INSERT INTO slots (build, host, pid, expires) VALUES (?, ?, ?, ?)",
+                        (build, HOST, os.getpid(), now + ttl_s),
+                    )
+                    return int(cursor.lastrowid or 0)
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 1.5, 0.1)
+
+    def release_slot(self, slot: int) -> None:
+        with self._tx() as conn:
+            conn.execute("DELETE FROM slots WHERE id = ?", (slot,))
+
+    # ---- rate limits
+
+    def take_rate(self, build: str, rpm: float | None, tpm: float | None, tokens: int) -> float:
+        """Take one request and `tokens` from the build's token buckets (capacity: a
+        minute's worth; a new build starts with one request and a full token bucket), or
+        return the seconds to wait when they do not allow it yet."""
+        now = time.time()
+        with self._tx() as conn:
+            row = conn.execute(
+                "SELECT requests, tokens, updated FROM rate_buckets WHERE build = ?", (build,)
+            ).fetchone()
+            req, tok, last = row if row else (min(1.0, rpm or 0.0), tpm or 0.0, now)
+            elapsed = max(0.0, now - last)
+            waits = [0.0]
+            if rpm:
+                req = min(rpm, req + elapsed * rpm / 60.0)
+                if req < 1.0:
+                    waits.append((1.0 - req) * 60.0 / rpm)
+            need = min(float(tokens), tpm) if tpm else 0.0  # larger: wait for a full bucket
+            if tpm:
+                tok = min(tpm, tok + elapsed * tpm / 60.0)
+                if tok < need:
+                    waits.append((need - tok) * 60.0 / tpm)
+            wait = max(waits)
+            if wait <= 0:
+                req, tok = req - (1.0 if rpm else 0.0), tok - need
+            conn.execute(
+                "INSERT OR REPLACE INTO rate_buckets VALUES (?, ?, ?, ?)", (build, req, tok, now)
+            )
+            return wait
+
+    # ---- report
+
+    def usage(self, build: str) -> dict[str, Any]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT event, outcome, retried, model, template, attempt, prompt_tokens, "
+                "completion_tokens, cost_usd, priced FROM ledger WHERE build = ?",
+                (build,),
+            ).fetchall()
+        return _usage_from_rows(build, rows)
+
+
+def _usage_from_rows(build: str, rows: list[tuple[Any, ...]]) -> dict[str, Any]:
+    requests = [r for r in rows if r[0] == "request"]
+    models: dict[str, dict[str, Any]] = {}
+    templates: dict[str, dict[str, int]] = {}
+    outcomes: dict[str, int] = {}
+    retries: dict[str, int] = {}
+    unpriced: set[str] = set()
+    for _, outcome, retried, model, template, _attempt, pt, ct, cost, priced in requests:
+        m = models.setdefault(
+            model, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0}
+        )
+        m["requests"] += 1
+        m["prompt_tokens"] += pt
+        m["completion_tokens"] += ct
+        m["cost_usd"] += cost
+        t = templates.setdefault(
+            template, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        )
+        t["requests"] += 1
+        t["prompt_tokens"] += pt
+        t["completion_tokens"] += ct
+        if not priced:
+            unpriced.add(model)
+        if retried:
+            retries[outcome] = retries.get(outcome, 0) + 1
+        else:
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    for model in unpriced:
+        models[model]["cost_usd"] = None
+    prompt = sum(r[6] for r in requests)
+    completion = sum(r[7] for r in requests)
+    cost_known = not unpriced
+    return {
+        "build_id": build,
+        "requests": len(requests),
+        "answered": sum(1 for r in requests if r[1] not in (*RETRY_CAUSES, "fatal")),
+        "cache_hits": sum(1 for r in rows if r[0] == "cache_hit"),
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "cost_usd": round(sum(r[8] for r in requests), 8) if cost_known else None,
+        "cost_note": (
+            "from the price table (USD per 1M tokens) and the server's usage"
+            if cost_known
+            else f"no price for model(s) {sorted(unpriced)}: tokens only, cost unknown"
+        ),
+        "retries": {cause: retries.get(cause, 0) for cause in RETRY_CAUSES},
+        "outcomes": dict(sorted(outcomes.items())),  # the final answer of every request
+        "refusals": outcomes.get("refusal", 0),
+        "malformed": outcomes.get("parse", 0) + outcomes.get("empty", 0),
+        "reasks": sum(1 for r in requests if r[5] > 0 and not r[2]),
+        "by_model": models,
+        "by_template": dict(sorted(templates.items())),
+    }
+
+
+def usage_report(db_path: Path | str | None, build_id: str) -> dict[str, Any]:
+    """Every request of a build (all processes and runs) as the server counted it: requests,
+    tokens, cost, retries by cause, refusals, malformed answers, re-asks and cache hits."""
+    if db_path is None or not Path(db_path).exists():
+        return {**_usage_from_rows(build_id, []), "note": "no request database: nothing recorded"}
+    ledger = Ledger(db_path)
+    try:
+        return ledger.usage(build_id)
+    finally:
+        ledger.close()
+
+
 # --------------------------------------------------------------------------- limiter
 
 
 class RateLimiter:
-    """Token buckets for requests/min and tokens/min; `acquire` blocks until both allow."""
+    """Token buckets for requests/min and tokens/min; `acquire` blocks until both allow.
+    With a shared `Ledger` and a build id, the buckets are the build's, across processes."""
 
-    def __init__(self, requests_per_minute: float | None, tokens_per_minute: float | None):
+    def __init__(
+        self,
+        requests_per_minute: float | None,
+        tokens_per_minute: float | None,
+        ledger: Ledger | None = None,
+        build: str = "",
+    ):
         self._rpm = requests_per_minute
         self._tpm = tokens_per_minute
-        self._req = requests_per_minute or 0.0
-        self._tok = tokens_per_minute or 0.0
-        self._last = time.monotonic()
-        self._lock = threading.Lock()
-
-    def _refill(self, now: float) -> None:
-        elapsed = now - self._last
-        self._last = now
-        if self._rpm:
-            self._req = min(self._rpm, self._req + elapsed * self._rpm / 60.0)
-        if self._tpm:
-            self._tok = min(self._tpm, self._tok + elapsed * self._tpm / 60.0)
-
-    def _wait_needed(self, tokens: int) -> float:
-        waits = [0.0]
-        if self._rpm and self._req < 1.0:
-            waits.append((1.0 - self._req) * 60.0 / self._rpm)
-        if self._tpm:
-            need = min(
-                float(tokens), self._tpm
-            )  # a request larger than the bucket waits for a full one
-            if self._tok < need:
-                waits.append((need - self._tok) * 60.0 / self._tpm)
-        return max(waits)
+        self._ledger = ledger
+        self._build = build or f"limiter-{uuid.uuid4().hex[:12]}"
 
     def acquire(self, tokens: int) -> None:
         if not self._rpm and not self._tpm:
             return
+        if self._ledger is None:
+            self._ledger = Ledger(":memory:")
         while True:
-            with self._lock:
-                self._refill(time.monotonic())
-                wait = self._wait_needed(tokens)
-                if wait <= 0:
-                    if self._rpm:
-                        self._req -= 1.0
-                    if self._tpm:
-                        self._tok -= min(float(tokens), self._tpm)
-                    return
-            time.sleep(min(wait, 1.0))
+            wait = self._ledger.take_rate(self._build, self._rpm, self._tpm, tokens)
+            if wait <= 0:
+                return
+            time.sleep(min(wait, 1.0) * (1.0 + 0.1 * random.random()))
+
+
+# --------------------------------------------------------------------------- secrets in URLs
+
+SECRET_QUERY_KEYS = frozenset(
+    {"api-key", "api_key", "apikey", "key", "token", "access_token", "access-token",
+     "auth", "password", "secret", "sig", "signature", "x-api-key", "code"}
+)  # fmt: skip
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+REDACTED = "***"
+
+
+def redact_url(url: str) -> str:
+    """The URL with its credentials replaced by `***`: userinfo (`user:key@`) and query
+    parameters that carry keys (`api-key`, `key`, `token`, `access_token`, ...)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if not parts.scheme or not parts.netloc:
+        return url
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = f"{REDACTED}@{netloc.rsplit('@', 1)[1]}"
+    query = parts.query
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if any(k.lower() in SECRET_QUERY_KEYS for k, _ in pairs):
+        query = urlencode(
+            [(k, REDACTED if k.lower() in SECRET_QUERY_KEYS else v) for k, v in pairs],
+            safe="*",
+        )
+    if netloc == parts.netloc and query == parts.query:
+        return url
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def redact_text(text: str) -> str:
+    """Every URL in `text` with its credentials redacted."""
+    return _URL.sub(lambda m: redact_url(m.group(0)), text) if "://" in text else text
+
+
+def redact_secrets(value: Any) -> Any:
+    """A copy of a JSON-like value (dicts, lists, strings) with credentials in URLs
+    redacted; what configs, manifests and Prefect parameters go through before written."""
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, dict):
+        return {k: redact_secrets(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(redact_secrets(v) for v in value)
+    return value
+
+
+def split_base_url(url: str | None) -> tuple[str | None, dict[str, str]]:
+    """(base URL without its query, the query parameters): the openai client appends paths
+    to the base URL, so a key in `?api-key=` must travel as a default query parameter."""
+    if url is None:
+        return None, {}
+    parts = urlsplit(url)
+    if not parts.query:
+        return url, {}
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", parts.fragment)), query
+
+
+class RedactingFilter(logging.Filter):
+    """Redacts credentials in URLs from log records (httpx logs every request URL)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a broken record is not ours to fix
+            return True
+        redacted = redact_text(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
+_REDACTING_FILTER = RedactingFilter()
+for _name in ("httpx", "openai", "openai._base_client", __name__):
+    logging.getLogger(_name).addFilter(_REDACTING_FILTER)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -450,8 +853,10 @@ def _classify_api_error(exc: openai.APIError) -> LLMFailure:
             "connection", f"connection failed after all retries: {type(exc).__name__}"
         )
     if isinstance(exc, openai.APIStatusError):
-        if exc.status_code >= 500:
+        if exc.status_code >= 500 or exc.status_code == 409:  # 409: lock conflict, retried
             return LLMFailure("server_error", f"HTTP {exc.status_code} after all retries")
+        if exc.status_code == 408:
+            return LLMFailure("timeout", "HTTP 408 after all retries")
         return LLMFailure("bad_request", f"HTTP {exc.status_code}: {_short(exc.message)}")
     return LLMFailure("bad_request", f"{type(exc).__name__}: {_short(str(exc))}")
 
@@ -462,6 +867,59 @@ def _short(text: str, limit: int = 200) -> str:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _usage_of(body: str) -> tuple[int, int]:
+    """(prompt, completion) tokens of an answer as the server counted them (0 if absent)."""
+    try:
+        usage = json.loads(body).get("usage") or {}
+        return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+    except (ValueError, AttributeError, TypeError):
+        return 0, 0
+
+
+def _answer_outcome(body: dict[str, Any]) -> str:
+    """What an answer is, without its schema (batch lines): ok, length, refusal, ..."""
+    choices = body.get("choices") or []
+    if not choices:
+        return "empty"
+    choice = choices[0] or {}
+    if choice.get("finish_reason") in ("length", "content_filter"):
+        return str(choice["finish_reason"])
+    message = choice.get("message") or {}
+    if message.get("refusal"):
+        return "refusal"
+    if not message.get("content"):
+        return "empty"
+    try:
+        json.loads(_strip_fences(message["content"]))
+    except ValueError:
+        return "parse"
+    return "ok"
+
+
+MAX_RETRY_AFTER_S = 60.0
+
+
+def _retry_delay(exc: BaseException, retry: int) -> float:
+    """The server's retry-after(-ms) when given (up to a minute), else exponential backoff
+    (0.5 s doubling, at most 8 s, minus up to 25 % jitter), as the openai client does."""
+    response = getattr(exc, "response", None)
+    headers = getattr(response, "headers", None) or {}
+    for header, divisor in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        value = headers.get(header)
+        if value is None:
+            continue
+        try:
+            delay = float(value) / divisor
+        except ValueError:
+            try:
+                delay = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+            except (TypeError, ValueError):
+                delay = -1.0
+        if 0 <= delay <= MAX_RETRY_AFTER_S:
+            return delay
+    return min(0.5 * 2.0**retry, 8.0) * (1.0 - 0.25 * random.random())
 
 
 # --------------------------------------------------------------------------- client
@@ -483,29 +941,33 @@ class LLMClient:
 
     def __init__(self, config: LLMConfig, client: openai.OpenAI | None = None):
         self.config = config
-        self._client = client or openai.OpenAI(
-            api_key=config.resolved_api_key(),
-            base_url=config.resolved_base_url(),
-            timeout=openai.Timeout(config.timeout_s, connect=config.connect_timeout_s),
-            max_retries=config.max_retries,
-        )
+        base_url, query = split_base_url(config.resolved_base_url())
+        # retries are ours (`_send`): each attempt is paced, counted and paid for once
+        self._client = (
+            client
+            or openai.OpenAI(
+                api_key=config.resolved_api_key(),
+                base_url=base_url,
+                default_query=query or None,
+                timeout=openai.Timeout(config.timeout_s, connect=config.connect_timeout_s),
+            )
+        ).with_options(max_retries=0)
         self._cache = RequestCache(config.cache_path) if config.cache_path else None
-        self._limiter = RateLimiter(config.requests_per_minute, config.tokens_per_minute)
+        self.build_id = f"client-{uuid.uuid4().hex[:16]}"  # BROKEN ON PURPOSE
+        self._ledger = Ledger(config.cache_path or ":memory:")
+        self._limiter = RateLimiter(
+            config.requests_per_minute, config.tokens_per_minute, self._ledger, self.build_id
+        )
         self._in_flight = threading.BoundedSemaphore(config.concurrency)
+        self._lease_s = config.timeout_s + config.connect_timeout_s + 30.0
         self._lock = threading.Lock()
         self._mode: Literal["json_schema", "json_object"] = (
             "json_object" if config.structured_output == "json_object" else "json_schema"
         )
-        self._spent = 0.0
-        self._reserved = 0.0
         self._pending: dict[str, _PendingRequest] = {}
         self._batch_failures: dict[str, LLMFailure] = {}
+        self._ingested: set[str] = set()  # batch answers this client paid for (not cache hits)
         self._stats = LLMStats(cost_known=config.price() is not None, mode=self._mode)
-        if config.budget_usd is not None and config.price() is None:
-            log.warning(
-                "no price for model %r in LLMConfig.prices: the budget cap cannot be enforced",
-                config.model,
-            )
 
     # ---- public
 
@@ -520,7 +982,12 @@ class LLMClient:
     def close(self) -> None:
         if self._cache is not None:
             self._cache.close()
+        self._ledger.close()
         self._client.close()
+
+    def usage(self) -> dict[str, Any]:
+        """The build's usage report (every client and process with this build id)."""
+        return self._ledger.usage(self.build_id)
 
     def cache_key(
         self,
@@ -573,13 +1040,14 @@ class LLMClient:
             )
             for mode in ("json_schema", "json_object")
         }
-        hit = self._from_cache(keys, schema)
+        hit = self._from_cache(keys, schema, template, sample, attempt)
         if hit is not None:
             return hit
         mode = self._mode
         if self.config.batch_mode:
             return self._defer(messages, schema, template, keys[mode], mode, params)
-        result = self._send(messages, schema, template, keys[mode], mode, params)
+        where = (template, sample, attempt)
+        result = self._send(messages, schema, keys[mode], mode, params, where)
         if (
             isinstance(result, LLMFailure)
             and result.kind == "bad_request"
@@ -587,7 +1055,7 @@ class LLMClient:
             and self.config.structured_output == "auto"
         ):
             fallback = self._send(
-                messages, schema, template, keys["json_object"], "json_object", params
+                messages, schema, keys["json_object"], "json_object", params, where
             )
             if isinstance(fallback, LLMFailure) and fallback.kind == "bad_request":
                 return result  # not a JSON-schema problem: keep the mode, report the first
@@ -614,7 +1082,7 @@ class LLMClient:
     # ---- internals
 
     def _from_cache(
-        self, keys: dict[str, str], schema: type[T]
+        self, keys: dict[str, str], schema: type[T], template: str, sample: int, attempt: int
     ) -> LLMSuccess[T] | LLMFailure | None:
         if self._cache is None:
             return None
@@ -622,9 +1090,18 @@ class LLMClient:
         for mode in order:
             row = self._cache.get(keys[mode])
             if row is not None:
+                result = self._result(
+                    row.body, schema, keys[mode], row.created_at, mode, cached=True
+                )
                 with self._lock:
-                    self._stats.cache_hits += 1
-                return self._result(row.body, schema, keys[mode], row.created_at, mode, cached=True)
+                    paid_here = keys[mode] in self._ingested  # a batch answer, not a hit
+                    self._stats.cache_hits += not paid_here
+                if not paid_here:
+                    outcome = result.kind if isinstance(result, LLMFailure) else "ok"
+                    hit = UsageRow("cache_hit", outcome, self.config.model, template, False,
+                                   sample, attempt)  # fmt: skip
+                    self._ledger.settle(self.build_id, None, [hit])
+                return result
         return None
 
     def _result(
@@ -671,65 +1148,91 @@ class LLMClient:
             prompt_tokens * price.prompt_per_1m + completion_tokens * price.completion_per_1m
         ) / 1e6
 
-    def _reserve(self, estimate: float) -> None:
-        budget = self.config.budget_usd
+    def _row(
+        self, outcome: str, where: tuple[str, int, int], pt: int = 0, ct: int = 0, **kw: Any
+    ) -> UsageRow:
+        """A ledger row for one request sent; counted in this client's stats as well."""
+        discount = kw.pop("discount", 1.0)
+        cost = self._estimate_cost(pt, ct) * discount
         with self._lock:
-            if budget is not None and self._spent + self._reserved + estimate > budget:
-                raise BudgetExceededError(self._spent, budget)
-            self._reserved += estimate
+            self._stats.cost_usd += cost
+            self._stats.prompt_tokens += pt
+            self._stats.completion_tokens += ct
+        template, sample, attempt = where
+        return UsageRow(
+            "request", outcome, self.config.model, template, kw.pop("retried", False), sample,
+            attempt, pt, ct, cost, self.config.price() is not None,
+        )  # fmt: skip
 
-    def _settle(self, estimate: float, prompt_tokens: int, completion_tokens: int) -> None:
-        cost = self._estimate_cost(prompt_tokens, completion_tokens)
-        with self._lock:
-            self._reserved -= estimate
-            self._spent += cost
-            self._stats.cost_usd = self._spent
-            self._stats.prompt_tokens += prompt_tokens
-            self._stats.completion_tokens += completion_tokens
+    @contextmanager
+    def _slot(self) -> Iterator[None]:
+        """One of the build's `concurrency` requests in flight (this process's threads
+        first queue on a semaphore, so only they poll the shared slots table)."""
+        with self._in_flight:
+            slot = None
+            if self._ledger.shared:
+                slot = self._ledger.acquire_slot(
+                    self.build_id, self.config.concurrency, self._lease_s
+                )
+            try:
+                yield
+            finally:
+                if slot is not None:
+                    self._ledger.release_slot(slot)
 
     def _send(
         self,
         messages: list[dict[str, str]],
         schema: type[T],
-        template: str,
         key: str,
         mode: str,
         params: dict[str, Any],
+        where: tuple[str, int, int],
     ) -> LLMSuccess[T] | LLMFailure:
+        """One request, retried on 429/5xx/timeouts/connection errors (`max_retries`,
+        honouring retry-after); every attempt is paced, held against the budget, and
+        written to the ledger with the server's usage."""
         wire = messages if mode == "json_schema" else json_object_messages(messages, schema)
         prompt_estimate = estimate_tokens(wire)
         worst_case = self._estimate_cost(prompt_estimate, self.config.max_tokens)
-        self._reserve(worst_case)
-        body: str | None = None
-        try:
+        for retry in range(self.config.max_retries + 1):
             self._limiter.acquire(prompt_estimate + self.config.max_tokens)
-            with self._in_flight:
+            with self._slot():
+                hold = self._ledger.reserve(
+                    self.build_id, worst_case, self.config.budget_usd, self._lease_s
+                )
                 with self._lock:
                     self._stats.requests_sent += 1
-                body = self._post(wire, schema, mode, params)
-        except openai.APIError as exc:
-            failure = _classify_api_error(exc)
-            self._count_failure(failure.kind)
-            return LLMFailure(failure.kind, failure.reason, key)
-        finally:
-            self._settle_from_body(worst_case, body)
-        created_at = _now()
-        if self._cache is not None:
-            self._cache.put(key, self.config.model, template, body, created_at)
-        return self._result(body, schema, key, created_at, mode, cached=False)
-
-    def _settle_from_body(self, estimate: float, body: str | None) -> None:
-        pt = ct = 0
-        if body is not None:
+                try:
+                    body = self._post(wire, schema, mode, params)
+                except openai.APIError as exc:
+                    body, error = None, exc
+                except BaseException:
+                    self._ledger.settle(self.build_id, hold, [self._row("fatal", where)])
+                    raise
+            if body is not None:
+                break
             try:
-                usage = json.loads(body).get("usage") or {}
-                pt, ct = (
-                    int(usage.get("prompt_tokens") or 0),
-                    int(usage.get("completion_tokens") or 0),
-                )
-            except (ValueError, AttributeError, TypeError):
-                pass
-        self._settle(estimate, pt, ct)
+                failure = _classify_api_error(error)
+            except LLMFatalError:
+                self._ledger.settle(self.build_id, hold, [self._row("fatal", where)])
+                raise
+            again = failure.transient and retry < self.config.max_retries
+            self._ledger.settle(
+                self.build_id, hold, [self._row(failure.kind, where, retried=again)]
+            )
+            if not again:
+                self._count_failure(failure.kind)
+                return LLMFailure(failure.kind, failure.reason, key)
+            time.sleep(_retry_delay(error, retry))
+        created_at = _now()
+        result = self._result(body, schema, key, created_at, mode, cached=False)
+        pt, ct = _usage_of(body)
+        outcome = result.kind if isinstance(result, LLMFailure) else "ok"
+        self._ledger.settle(self.build_id, hold, [self._row(outcome, where, pt, ct)])
+        if self._cache is not None:
+            self._cache.put(key, self.config.model, where[0], body, created_at)
+        return result
 
     def _post(
         self,
@@ -813,13 +1316,18 @@ class LLMClient:
             return None
         assert self._cache is not None  # LLMConfig guarantees a cache in batch mode
         resumed = self._resumable_batch(set(pending))
+        hold = None
         if resumed is not None:
             batch_id, expected = resumed
             submitted = 0  # the other pending requests are queued again by the next round
         else:
-            batch_id, expected, submitted = self._submit(pending), set(pending), len(pending)
-        batch = self._wait(batch_id)
-        report = self._ingest(batch, pending, expected, submitted)
+            batch_id, hold = self._submit(pending)
+            expected, submitted = set(pending), len(pending)
+        try:
+            batch = self._wait(batch_id)
+            report = self._ingest(batch, pending, expected, submitted)
+        finally:
+            self._ledger.settle(self.build_id, hold, [])  # the answers are in the ledger
         with self._lock:
             self._stats.batches += 1
         return report
@@ -832,10 +1340,12 @@ class LLMClient:
                 return batch_id, batch_keys
         return None
 
-    def _submit(self, pending: dict[str, _PendingRequest]) -> str:
+    def _submit(self, pending: dict[str, _PendingRequest]) -> tuple[str, int | None]:
+        """Submit one batch; its worst-case cost stays held until its answers are in."""
         assert self._cache is not None
         worst = sum(p.worst_case_usd for p in pending.values()) * self.config.batch_discount
-        self._reserve(worst)
+        lease = self.config.batch_timeout_s + 3600.0
+        hold = self._ledger.reserve(self.build_id, worst, self.config.budget_usd, lease)
         lines = [
             json.dumps(
                 {
@@ -859,15 +1369,14 @@ class LLMClient:
                 metadata={"client": "okedit"},
             )
         except openai.APIError as exc:
-            self._settle(worst, 0, 0)
+            self._ledger.settle(self.build_id, hold, [])
             failure = _classify_api_error(exc)
             raise LLMFatalError(f"could not submit the batch: {failure.reason}") from None
         self._cache.add_batch(batch.id, list(pending))
         with self._lock:
-            self._reserved -= worst  # settled from the real usage when the answers arrive
             self._stats.requests_sent += len(pending)
         log.info("submitted batch %s with %d requests", batch.id, len(pending))
-        return batch.id
+        return batch.id, hold
 
     def _wait(self, batch_id: str) -> Any:
         deadline = time.monotonic() + self.config.batch_timeout_s
@@ -906,6 +1415,8 @@ class LLMClient:
             self._batch_failure(
                 key, LLMFailure("timeout", f"batch {batch.id} ended {batch.status}")
             )
+            template = pending[key].template if key in pending else ""
+            self._ledger.settle(self.build_id, None, [self._row("timeout", (template, 0, 0))])
             failed += 1
         self._cache.close_batch(batch.id, batch.status)
         return BatchReport(
@@ -919,18 +1430,17 @@ class LLMClient:
         key = str(line.get("custom_id", ""))
         response = line.get("response") or {}
         status = int(response.get("status_code") or 0)
+        template = pending[key].template if key in pending else ""
+        where = (template, 0, 0)
         if status == 200 and isinstance(response.get("body"), dict):
-            body = response["body"]
-            usage = body.get("usage") or {}
-            pt, ct = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
-            cost = self._estimate_cost(pt, ct) * self.config.batch_discount
+            body = json.dumps(response["body"])
+            pt, ct = _usage_of(body)
+            row = self._row(_answer_outcome(response["body"]), where, pt, ct,
+                            discount=self.config.batch_discount)  # fmt: skip
+            self._ledger.settle(self.build_id, None, [row])
+            self._cache.put(key, self.config.model, template, body, _now())
             with self._lock:
-                self._spent += cost
-                self._stats.cost_usd = self._spent
-                self._stats.prompt_tokens += pt
-                self._stats.completion_tokens += ct
-            template = pending[key].template if key in pending else ""
-            self._cache.put(key, self.config.model, template, json.dumps(body), _now())
+                self._ingested.add(key)
             return key, True
         error = line.get("error") or (response.get("body") or {}).get("error") or {}
         message = _short(str(error.get("message", "no answer")))
@@ -940,6 +1450,7 @@ class LLMClient:
             failure = LLMFailure("server_error", f"batch: HTTP {status}: {message}")
         else:
             failure = LLMFailure("bad_request", f"batch: HTTP {status}: {message}")
+        self._ledger.settle(self.build_id, None, [self._row(failure.kind, where)])
         self._batch_failure(key, failure)
         return key, False
 

@@ -6,18 +6,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections import Counter
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from datasets import Dataset
 from datasets.utils import logging as datasets_logging
 
 from pipeline.card import plot_scope, render_card
 from schemas.easyedit import export_easyedit
-from schemas.features import OKEDIT_FEATURES, to_hf_row
+from schemas.features import records_to_dataset
 from schemas.record import OkeditRecord, Rejection
+
+if TYPE_CHECKING:
+    from pipeline.config import ValidateSettings
 
 SHARD_SIZE = 500  # records per parquet file; keeps files well under the Hub's 5 GB limit
 
@@ -46,15 +49,14 @@ def package_versions() -> dict[str, str]:
 
 
 def write_parquet(records: list[OkeditRecord], data_dir: Path) -> list[Path]:
-    """Parquet shards with image bytes embedded (never paths), named as the Hub expects."""
-    if data_dir.exists():
-        shutil.rmtree(data_dir)
+    """Parquet shards with image bytes embedded (never paths), named as the Hub expects, in
+    the new folder `data_dir`. No records still write one shard with the full schema (and no
+    row group), so an empty build is a valid, typed dataset."""
     data_dir.mkdir(parents=True)
     shards = max(1, -(-len(records) // SHARD_SIZE))
     paths = []
     for i in range(shards):
-        part = records[i * SHARD_SIZE : (i + 1) * SHARD_SIZE]
-        dataset = Dataset.from_list([to_hf_row(r) for r in part], features=OKEDIT_FEATURES)
+        dataset = records_to_dataset(records[i * SHARD_SIZE : (i + 1) * SHARD_SIZE])
         path = data_dir / f"train-{i:05d}-of-{shards:05d}.parquet"
         with _quiet_datasets():
             dataset.to_parquet(str(path))
@@ -68,20 +70,109 @@ def token_totals(records: list[OkeditRecord]) -> dict[str, int]:
     return {"prompt": prompt, "completion": completion}
 
 
-def validation_summary(records: list[OkeditRecord]) -> dict:
+def resolved_validation(settings: ValidateSettings) -> dict | None:
+    """The validation settings a build or re-validation ran with, for `publish_local`: the
+    model, the editor settings as resolved (defaults and model preset included), the item
+    check's thresholds and filter; None when validation is off."""
+    if not settings.enabled:
+        return None
+    return {
+        "model": settings.model,
+        "editor": settings.editor_settings().model_dump(mode="json"),
+        "check": settings.check.model_dump(mode="json"),
+        "filter": settings.filter,
+    }
+
+
+def validation_summary(records: list[OkeditRecord], settings: dict | None) -> dict:
+    """Editor verdicts and item-check statuses of the published records, next to the
+    settings the caller resolved once for the whole build (`resolved_validation`)."""
     validated = [r for r in records if r.validation.verdict != "not_run"]
-    verdicts: dict[str, int] = {}
-    for r in validated:
-        verdicts[r.validation.verdict] = verdicts.get(r.validation.verdict, 0) + 1
-    first = validated[0].validation if validated else None
+    editor = settings["editor"] if settings else None
     return {
         "validated": len(validated),
-        "verdicts": verdicts,
-        "model": first.model if first else None,
-        "editor": first.editor if first else None,
-        "key_variant": first.key_variant if first else None,
-        "edit_config": json.loads(first.edit_config) if first else None,
+        "verdicts": dict(Counter(r.validation.verdict for r in validated)),
+        "checks": dict(Counter(r.validation.check.status for r in records)),
+        "model": settings["model"] if settings else None,
+        "editor": editor["editor"] if editor else None,
+        "key_variant": editor.get("key_variant") if editor else None,
+        "filter": settings["filter"] if settings else None,
+        "check_config": settings["check"] if settings else None,
+        "edit_config": editor,
     }
+
+
+# source settings each source reads (`pipeline.config.SourceSettings`); any other is a default
+# the build never used, and a flagworld manifest naming an OK-VQA split misleads
+_SOURCE_KEYS = {
+    "flagworld": ("name",),
+    "okvqa-hub": ("name", "split", "hub_repo", "parquet"),
+    "okvqa-files": (
+        "name",
+        "split",
+        "questions_file",
+        "annotations_file",
+        "coco_dir",
+        "image_base_url",
+    ),
+}
+# annotator settings only the LLM annotator reads
+_LLM_ANNOTATOR_KEYS = ("llm_base_url", "llm_model", "llm", "concurrency")
+
+
+def describe_for_manifest(config: dict) -> dict:
+    """A build's `BuildConfig.describe()` without the settings its source and annotator
+    never read (no OK-VQA split for flagworld, no LLM for the offline annotator)."""
+    config = dict(config)
+    source = config.get("source")
+    if isinstance(source, dict) and source.get("name") in _SOURCE_KEYS:
+        keep = _SOURCE_KEYS[source["name"]]
+        config["source"] = {k: v for k, v in source.items() if k in keep}
+    annotator = config.get("annotator")
+    if isinstance(annotator, dict) and annotator.get("kind") == "offline":
+        config["annotator"] = {k: v for k, v in annotator.items() if k not in _LLM_ANNOTATOR_KEYS}
+    return config
+
+
+def _check_counts(counts: dict, records: list, rejections: list) -> None:
+    """The manifest's counts describe exactly the files written: in = published + rejected."""
+    if (
+        counts.get("published") != len(records)
+        or counts.get("rejected") != len(rejections)
+        or counts.get("in") != len(records) + len(rejections)
+    ):
+        raise ValueError(
+            f"manifest counts {counts} do not match {len(records)} published and "
+            f"{len(rejections)} rejected items"
+        )
+
+
+def _staging(target: Path) -> Path:
+    """A fresh hidden sibling of `target` to write its next version into (one left by an
+    interrupted publish is discarded: the old `target` was never touched)."""
+    staged = target.with_name(f".{target.name}.new")
+    if staged.exists():
+        shutil.rmtree(staged)
+    return staged
+
+
+def _swap_in(staged: Path, target: Path) -> None:
+    """Replace `target` by the complete `staged` folder: the old one is moved away before
+    the new one is moved in and deleted only after, so there is always a whole version."""
+    old = target.with_name(f".{target.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        target.rename(old)
+    staged.rename(target)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def publish_local(
@@ -89,46 +180,50 @@ def publish_local(
     rejections: list[Rejection],
     out: Path,
     manifest: dict,
+    validation: dict | None = None,
 ) -> dict[str, Path]:
     """Write the dataset folder; returns the paths of what was written.
 
     `manifest` carries the config, counts and annotator; versions, token totals and the
-    validation summary are added here. Files are written before the manifest, which is
-    written last and atomically, so a manifest means a complete folder.
+    validation summary (from `validation`, see `resolved_validation`) are added here. The
+    parquet, EasyEdit export and plot are written from the same records into hidden staging
+    folders first, so a failure there leaves the old folder as it was. Then the old manifest
+    goes, the new folders are swapped in, and the manifest is written last and atomically:
+    a manifest always means a complete, consistent folder.
     """
+    _check_counts(manifest["counts"], records, rejections)
     out.mkdir(parents=True, exist_ok=True)
-    shards = write_parquet(records, out / "data")
-    easyedit_dir = out / "easyedit"
-    if easyedit_dir.exists():
-        shutil.rmtree(easyedit_dir)
-    easyedit = export_easyedit(records, easyedit_dir)
-    rejected_path = out / "rejected.jsonl"
-    rejected_path.write_text("".join(r.model_dump_json() + "\n" for r in rejections))
-    plot = plot_scope(records, out / "plots" / "scope.png")
+    staged = {name: _staging(out / name) for name in ("data", "easyedit", "plots")}
+    shards = write_parquet(records, staged["data"])
+    easyedit_name = export_easyedit(records, staged["easyedit"]).name
+    staged["plots"].mkdir()
+    plot = plot_scope(records, staged["plots"] / "scope.png")
     manifest = {
         **manifest,
+        **({"config": describe_for_manifest(manifest["config"])} if "config" in manifest else {}),
         "versions": package_versions(),
         "tokens": token_totals(records),
-        "validation": validation_summary(records),
-        "files": {"data": [p.relative_to(out).as_posix() for p in shards]},
+        "validation": validation_summary(records, validation),
+        "files": {"data": [f"data/{p.name}" for p in shards]},
     }
-    card = out / "README.md"
-    card.write_text(
-        render_card(
-            records, rejections, manifest, plot.relative_to(out).as_posix() if plot else None
-        )
-    )
+    card_text = render_card(records, rejections, manifest, "plots/scope.png" if plot else None)
+
     manifest_path = out / "manifest.json"
-    tmp = manifest_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, default=str))
-    os.replace(tmp, manifest_path)
+    manifest_path.unlink(missing_ok=True)
+    for name, folder in staged.items():
+        _swap_in(folder, out / name)
+    rejected_path = out / "rejected.jsonl"
+    _write_atomic(rejected_path, "".join(r.model_dump_json() + "\n" for r in rejections))
+    card = out / "README.md"
+    _write_atomic(card, card_text)
+    _write_atomic(manifest_path, json.dumps(manifest, indent=2, default=str))
     return {
         "data": out / "data",
-        "easyedit": easyedit,
+        "easyedit": out / "easyedit" / easyedit_name,
         "card": card,
         "manifest": manifest_path,
         "rejected": rejected_path,
-        **({"plot": plot} if plot else {}),
+        **({"plot": out / "plots" / "scope.png"} if plot else {}),
     }
 
 

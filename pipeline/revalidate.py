@@ -1,29 +1,33 @@
-"""`okedit validate DATASET`: re-run the BalancEdit scope check on a published folder."""
+"""`okedit validate DATASET`: re-run the validate stage (the item check and the editor) on a
+published folder and publish it again."""
 
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 
-from datasets import load_dataset
-
+from pipeline.check import FilterMode, filter_by_check
 from pipeline.config import ValidateSettings
-from pipeline.publish import publish_local
-from pipeline.stages import scope_filter
-from schemas.features import OKEDIT_FEATURES, from_hf_row
+from pipeline.publish import publish_local, resolved_validation
+from schemas.features import read_parquet_records
 from schemas.record import OkeditRecord, Rejection
+
+# what the card needs of a build, for a folder that has no manifest
+_UNKNOWN_BUILD = {
+    "name": "OKEDIT",
+    "fingerprint": "-",
+    "annotator": "unknown",
+    "config": {"source": {"name": "unknown"}, "images": {"backend": "unknown"}, "seed": "-"},
+}
 
 
 def read_folder(folder: Path) -> tuple[list[OkeditRecord], list[Rejection], dict]:
-    """Records, rejections and manifest of a published folder."""
+    """Records (images as their stored bytes), rejections and manifest of a published folder."""
     shards = sorted((folder / "data").glob("*.parquet"))
     if not shards:
         raise FileNotFoundError(f"{folder} has no data/*.parquet: is it an okedit dataset folder?")
-    dataset = load_dataset(
-        "parquet", data_files=[str(p) for p in shards], split="train", features=OKEDIT_FEATURES
-    )
-    dataset = dataset.cast_column("image", OKEDIT_FEATURES["image"])
-    records = [from_hf_row(row) for row in dataset.with_format(None)]
+    records = read_parquet_records(shards)
     rejected_path = folder / "rejected.jsonl"
     rejected = (
         [Rejection.model_validate_json(line) for line in rejected_path.read_text().splitlines()]
@@ -35,30 +39,68 @@ def read_folder(folder: Path) -> tuple[list[OkeditRecord], list[Rejection], dict
     return records, rejected, manifest
 
 
+def revalidated_manifest(
+    manifest: dict, settings: ValidateSettings, counts: dict, stage: dict
+) -> dict:
+    """The folder's manifest with this re-validation's settings and counts, so that nothing
+    of the earlier validation is left to contradict the records."""
+    config = {**_UNKNOWN_BUILD["config"], **manifest.get("config", {})}
+    # as `BuildConfig.describe()` records it
+    config["validation"] = {
+        **settings.model_dump(mode="json"),
+        "resolved_editor": settings.editor_settings().model_dump(mode="json"),
+    }
+    return {
+        **_UNKNOWN_BUILD,
+        **manifest,
+        "config": config,
+        "counts": counts,
+        "stages": {**manifest.get("stages", {}), "revalidate": stage},
+        "revalidated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
 def revalidate_folder(
     folder: Path,
     out: Path,
     model: str | None,
     device: str,
-    filter_scope: bool,
+    filter_mode: FilterMode = "none",
     editor: dict | None = None,
 ) -> dict:
+    """Validate every published record again, drop what `filter_mode` drops, publish to `out`
+    (in place when `out` is `folder`); returns the summary (in = published + rejected)."""
     from pipeline.validate import validate_records
 
     records, rejected, manifest = read_folder(folder)
     settings = ValidateSettings(
-        device=device, editor=editor or {}, **({"model": model} if model else {})
+        device=device,
+        editor=editor or {},
+        filter=filter_mode,
+        **({"model": model} if model else {}),
     )
-    records = validate_records(records, settings.editor_settings(), settings.model_settings())
-    records, dropped = scope_filter(records, filter_scope)
+    if records:  # no model load for an empty folder
+        records = validate_records(
+            records, settings.editor_settings(), settings.model_settings(), check=settings.check
+        )
+    records, dropped = filter_by_check(records, settings.filter)
     rejected += dropped
     counts = {
         "in": len(records) + len(rejected),
         "published": len(records),
         "rejected": len(rejected),
     }
-    manifest = {**manifest, "counts": counts}
-    manifest.setdefault("config", {"source": {"name": "unknown", "split": "-"}, "images": {}})
-    paths = publish_local(records, rejected, out, manifest)
-    stages = {"validate": {"ok": len(records), "rejected": len(dropped)}}
-    return {"counts": counts, "stages": stages, "paths": {k: str(v) for k, v in paths.items()}}
+    previous_in = manifest.get("counts", {}).get("in")
+    if previous_in is not None and previous_in != counts["in"]:
+        raise ValueError(
+            f"{folder} does not reconcile: its manifest counts {previous_in} items in, its "
+            f"data and rejected.jsonl {counts['in']}"
+        )
+    stage = {"ok": len(records), "rejected": len(dropped)}
+    manifest = revalidated_manifest(manifest, settings, counts, stage)
+    paths = publish_local(records, rejected, out, manifest, resolved_validation(settings))
+    return {
+        "counts": counts,
+        "stages": {"validate": stage},
+        "paths": {k: str(v) for k, v in paths.items()},
+    }

@@ -171,6 +171,7 @@ def validate_chunk(cfg: BuildConfig, index: int) -> dict[str, int]:
             model_settings,
             model=_adapter(model_settings.model_dump_json()),
             show_progress=False,  # the flow shows its own progress
+            check=cfg.validation.check,
         )
     return work.write_chunk("validate", index, records, [])
 
@@ -194,28 +195,16 @@ def collect(cfg: BuildConfig, n_chunks: int) -> tuple[list[OkeditRecord], list[R
     return records, rejected, stage_counts
 
 
-def scope_filter(
-    records: list[OkeditRecord], enabled: bool
-) -> tuple[list[OkeditRecord], list[Rejection]]:
-    """`--filter scope`: drop items whose scope check was ambiguous."""
-    if not enabled:
-        return records, []
-    from pipeline.validate import scope_filter as split_ambiguous
-
-    kept, ambiguous = split_ambiguous(records)
-    return kept, [
-        Rejection(item_id=r.item_id, stage="validate", reason=f"ambiguous: {r.validation.reason}")
-        for r in ambiguous
-    ]
-
-
 def finalize(cfg: BuildConfig, n_chunks: int, n_in: int) -> dict:
     """Publish the local folder; returns the summary (in = published + rejected)."""
+    from pipeline.check import filter_by_check
     from pipeline.publish import publish_local
 
     records, rejected, stage_counts = collect(cfg, n_chunks)
-    records, dropped = scope_filter(records, cfg.validation.filter_scope)
+    records, dropped = filter_by_check(records, cfg.validation.filter)
     rejected += dropped
+    stage_counts["validate"]["ok"] -= len(dropped)
+    stage_counts["validate"]["rejected"] += len(dropped)
     counts = {"in": n_in, "published": len(records), "rejected": len(rejected)}
     if counts["in"] != counts["published"] + counts["rejected"]:
         raise RuntimeError(f"counts do not reconcile: {counts}")

@@ -1,11 +1,13 @@
 """The validate stage (design §7.4): edit each record on a clean model, probe its scope, and
-store the `Validation` in the record. One model load per call; a failing item gets verdict
-"error" with the reason and the run goes on.
+store both outcomes in the record's `Validation`: the item `check` (`pipeline.check`, from the
+clean model's answers) and what the editor did (verdict, metrics, `edit`). One model load per
+call; a failing item gets verdict "error" with the reason and the run goes on.
 """
 
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -13,8 +15,23 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from editors.adapters import VLMAdapter, load_model
 from editors.base import Editor
 from editors.config import EditorConfig, ModelConfig
-from editors.scope import make_editor, validate_record
-from schemas.record import OkeditRecord, Validation
+from editors.scope import NEGATIVE_KINDS, POSITIVE_KINDS, make_editor, validate_record
+from pipeline.check import (
+    CheckConfig,
+    Similarity,
+    check_item,
+    dropped_probes,
+    reindexed,
+    without_probes,
+)
+from schemas.record import (
+    EditSummary,
+    FamilyScope,
+    ItemCheck,
+    OkeditRecord,
+    ProbeResult,
+    Validation,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -25,15 +42,19 @@ def validate_records(
     model_config: ModelConfig,
     model: VLMAdapter | None = None,
     show_progress: bool = True,
+    check: CheckConfig | None = None,
 ) -> list[OkeditRecord]:
-    """Validate every record with the configured editor; returns copies with `validation` set.
+    """Validate every record with the configured editor; returns copies with `validation` set
+    and the probes the item check dropped removed.
 
     `model` is an already loaded adapter (e.g. one per worker, reused across chunks); when
     None the model is loaded once from `model_config`. Configuration errors (bad module path,
     unsupported family, CUDA absent) raise before any item runs.
     """
+    check = check or CheckConfig()
     adapter = model if model is not None else load_model(model_config)
     editor = make_editor(adapter, config)
+    similarity = text_similarity() if check.text_similarity else None
     name = model_config.display_name
     out: list[OkeditRecord] = []
     with Progress(
@@ -46,16 +67,47 @@ def validate_records(
     ) as progress:
         task = progress.add_task("", total=len(records))
         for record in records:
-            validation = _validate_one(record, editor, name)
-            out.append(record.model_copy(update={"validation": validation}))
-            progress.update(task, advance=1, description=f"{record.item_id}: {validation.verdict}")
+            validated = _validate_one(record, editor, name, check, similarity)
+            out.append(validated)
+            status = validated.validation.check.status
+            progress.update(task, advance=1, description=f"{record.item_id}: {status}")
     return out
 
 
-def _validate_one(record: OkeditRecord, editor: Editor, model_name: str) -> Validation:
+def text_similarity() -> Similarity:
+    """The offline MiniLM sentence model (loaded once per process)."""
+    from pipeline.similarity import SimilarityChecker
+
+    return SimilarityChecker()
+
+
+def _validate_one(
+    record: OkeditRecord,
+    editor: Editor,
+    model_name: str,
+    check_config: CheckConfig,
+    similarity: Similarity | None,
+) -> OkeditRecord:
+    checks: list[ItemCheck] = []
+
+    def screen(probes: list[ProbeResult]) -> set[str]:
+        checks.append(check_item(record, probes, check_config, similarity))
+        return dropped_probes(checks[-1])
+
+    validation = _edit_and_probe(record, editor, model_name, screen)
+    item_check = checks[-1] if checks else ItemCheck()
+    dropped = dropped_probes(item_check)
+    validation = validation.model_copy(
+        update={"check": item_check, "probes": reindexed(validation.probes, dropped)}
+    )
+    validation.edit = edit_summary(validation)
+    return without_probes(record, dropped).model_copy(update={"validation": validation})
+
+
+def _edit_and_probe(record: OkeditRecord, editor: Editor, model_name: str, screen) -> Validation:
     start = time.perf_counter()
     try:
-        return validate_record(record, editor, model_name)
+        return validate_record(record, editor, model_name, screen=screen)
     except Exception as exc:  # validate_record already catches; belt and braces for the run
         logger.warning("validation of %s crashed: %s", record.item_id, exc, exc_info=True)
         return Validation(
@@ -67,8 +119,41 @@ def _validate_one(record: OkeditRecord, editor: Editor, model_name: str) -> Vali
         )
 
 
-def scope_filter(records: list[OkeditRecord]) -> tuple[list[OkeditRecord], list[OkeditRecord]]:
-    """`--filter scope`: (kept, dropped), dropping the items whose verdict is "ambiguous"."""
-    kept = [r for r in records if r.validation.verdict != "ambiguous"]
-    dropped = [r for r in records if r.validation.verdict == "ambiguous"]
-    return kept, dropped
+def edit_summary(validation: Validation) -> EditSummary:
+    """Where each probe family fell relative to ε, which negative set ε, and whether any radius
+    separates the positives from the negatives (margin in units of ε)."""
+    epsilon = validation.epsilon
+    if validation.verdict in ("error", "not_run") or epsilon <= 0:
+        return EditSummary()  # FT (no radius) or no run
+    relative = {id(p): p.distance / epsilon for p in validation.probes}
+    families = []
+    for family in (*POSITIVE_KINDS, *NEGATIVE_KINDS):
+        members = [p for p in validation.probes if p.kind == family]
+        if members:
+            families.append(
+                FamilyScope(
+                    family=family,
+                    probes=len(members),
+                    routed_share=sum(p.routed for p in members) / len(members),
+                    median_relative_distance=statistics.median(relative[id(p)] for p in members),
+                )
+            )
+    positives = [relative[id(p)] for p in validation.probes if p.kind in POSITIVE_KINDS]
+    negatives = [relative[id(p)] for p in validation.probes if p.kind in NEGATIVE_KINDS]
+    margin = min(negatives) - max(positives) if positives and negatives else 0.0
+    return EditSummary(
+        epsilon_set_by=_epsilon_set_by(validation),
+        margin=margin,
+        separable=margin > 0,
+        families=families,
+    )
+
+
+def _epsilon_set_by(validation: Validation) -> str:
+    """The training negative nearest to the key (for a one-part key it sets ε)."""
+    negatives = [p for p in validation.probes if p.kind in ("train_neg", "train_text_neg")]
+    if not negatives:
+        return ""
+    if validation.key_variant.startswith("two_part"):
+        return "per key part: " + ", ".join(p.kind for p in negatives)
+    return min(negatives, key=lambda p: p.distance).kind

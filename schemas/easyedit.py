@@ -1,7 +1,9 @@
 """Export to the 11-field JSON that EasyEdit/MMEdit's multimodal loaders read.
 
 One object per edit; images are written beside the JSON and referenced by relative path.
-EasyEdit silently drops items with an empty field, so the export refuses them instead.
+EasyEdit silently drops items with an empty field, so the export refuses them instead. Each
+object also carries the OKEDIT `item_id`, which EasyEdit's loaders ignore, so that results
+can be joined back to the parquet.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def _write_image(data: bytes, folder: Path, root: Path) -> str:
 
 
 def easyedit_entry(record: OkeditRecord, image_dir: Path, root: Path) -> dict[str, str]:
-    """The 11 fields for one record.
+    """`item_id` and the 11 fields for one record.
 
     The text-locality pair (`loc`, `loc_ans`) is the record's own first text negative — a
     real question with a known answer, different for every item — in EasyEdit's
@@ -51,6 +53,7 @@ def easyedit_entry(record: OkeditRecord, image_dir: Path, root: Path) -> dict[st
         raise ValueError(f"{record.item_id}: needs text negatives, locality and rephrase images")
     negative = record.text_negatives[0]
     entry = {
+        "item_id": record.item_id,
         "src": record.question,
         "pred": record.original_answer,
         "alt": record.target,

@@ -2,15 +2,19 @@
 
 Images become `Image()` columns holding embedded bytes, so a parquet file is
 self-contained. `to_hf_row`/`from_hf_row` convert between the pydantic record and the row
-dicts `datasets` reads and writes.
+dicts `datasets` reads and writes; `records_to_dataset`/`read_parquet_records` write and read
+whole files, keeping every image's stored bytes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import polars as pl
-from datasets import Features, Image, List, Value
+import pyarrow.parquet as pq
+from datasets import Dataset, Features, Image, List, Value
 
 from schemas.record import IMAGE_FIELDS, IMAGE_LIST_FIELDS, OkeditRecord
 
@@ -66,7 +70,37 @@ _PROBE = {
     "post_generation_match": Value("float64"),
 }
 
+_CHECK = {
+    "status": Value("string"),
+    "reasons": List(
+        {
+            "code": Value("string"),
+            "probe": Value("string"),
+            "measured": Value("string"),
+            "dropped": Value("bool"),
+        }
+    ),
+    "clean_answer": Value("string"),
+    "knows_original": Value("bool"),
+}
+
+_EDIT = {
+    "epsilon_set_by": Value("string"),
+    "margin": Value("float64"),
+    "separable": Value("bool"),
+    "families": List(
+        {
+            "family": Value("string"),
+            "probes": Value("int64"),
+            "routed_share": Value("float64"),
+            "median_relative_distance": Value("float64"),
+        }
+    ),
+}
+
 _VALIDATION = {
+    "check": _CHECK,
+    "edit": _EDIT,
     "verdict": Value("string"),
     "reason": Value("string"),
     "in_scope_ok": Value("bool"),
@@ -130,7 +164,11 @@ def to_hf_row(record: OkeditRecord) -> dict[str, Any]:
 
 
 def _image_bytes(cell: Any) -> bytes:
-    """Bytes of an image cell as `datasets` returns it (undecoded dict, or a PIL image)."""
+    """Bytes of an image cell as `datasets` returns it (undecoded dict, or a PIL image).
+
+    A PIL image has lost its stored bytes and is re-encoded (a JPEG changes): read published
+    files with `read_parquet_records`, which never decodes.
+    """
     if isinstance(cell, dict):
         if cell.get("bytes"):
             return cell["bytes"]
@@ -153,6 +191,26 @@ def from_hf_row(row: dict[str, Any]) -> OkeditRecord:
     for name in IMAGE_LIST_FIELDS:
         data[name] = [_image_bytes(c) for c in data[name]]
     return OkeditRecord.model_validate(data)
+
+
+def records_to_dataset(records: list[OkeditRecord]) -> Dataset:
+    """A `Dataset` with `OKEDIT_FEATURES`, also for no records: built column-wise, because
+    `Dataset.from_list([])` cannot match an empty row list to the features."""
+    rows = [to_hf_row(r) for r in records]
+    return Dataset.from_dict(
+        {name: [row[name] for row in rows] for name in OKEDIT_FEATURES}, features=OKEDIT_FEATURES
+    )
+
+
+def read_parquet_records(paths: Iterable[Path], batch_size: int = 64) -> list[OkeditRecord]:
+    """The records of OKEDIT parquet files, read with pyarrow so that image cells stay the
+    stored bytes: `datasets` decodes `Image()` columns to PIL, and writing those back
+    re-encodes every JPEG."""
+    records = []
+    for path in paths:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
+            records += [from_hf_row(row) for row in batch.to_pylist()]
+    return records
 
 
 # A flat view for fast statistics with polars (no image bytes).

@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 CounterfactType = Literal["image-text", "text"]
 Verdict = Literal["not_run", "in_scope_ok", "out_of_scope_ok", "ok", "fail", "ambiguous", "error"]
+# Is the item sound benchmark data (design §7.4)? Decided from the unedited model's answers,
+# the annotation and text similarity, never from what the editor did.
+CheckStatus = Literal["not_run", "sound", "unsound", "model_gap"]
 
 
 class _Model(BaseModel):
@@ -126,9 +129,51 @@ class ProbeResult(_Model):
     post_generation_match: float = -1.0
 
 
-class Validation(_Model):
-    """The validate stage's result for one item (design §7.4)."""
+class CheckReason(_Model):
+    """One finding of the item check: a code, the probe it is about, what was measured."""
 
+    code: str  # see `pipeline.check.REASONS`
+    probe: str = ""  # e.g. "image_rephrase[3]"; "" for the item as a whole
+    measured: str = ""  # the measurement behind it, e.g. "clean answer 'rome' vs 'paris'"
+    dropped: bool = False  # the probe was removed from the published item
+
+
+class ItemCheck(_Model):
+    """`check`: is this item sound benchmark data (design §7.4)?"""
+
+    status: CheckStatus = "not_run"
+    reasons: list[CheckReason] = Field(default_factory=list)
+    clean_answer: str = ""  # the unedited model's greedy answer to the edit prompt
+    knows_original: bool | None = None  # clean_answer matches a gold answer (VQA-normalised)
+
+
+class FamilyScope(_Model):
+    """Where one probe family fell relative to the radius, after the edit."""
+
+    family: str  # edit | rephrase | image_rephrase | locality | text_negative
+    probes: int = 0
+    routed_share: float = -1.0
+    median_relative_distance: float = -1.0  # median d/ε (1.0 = on the radius)
+
+
+class EditSummary(_Model):
+    """`edit`: what the editor did on this item: the benchmark figure, never a filter."""
+
+    epsilon_set_by: str = ""  # the training negative that set ε (e.g. "train_text_neg")
+    # min d/ε of the evaluated negatives minus max d/ε of the positives: > 0 means some radius
+    # separates every positive from every negative in this key space
+    margin: float = 0.0
+    separable: bool = False
+    families: list[FamilyScope] = Field(default_factory=list)
+
+
+class Validation(_Model):
+    """The validate stage's result for one item (design §7.4): the item `check` and the
+    editor outcome (`verdict`, metrics, `edit`)."""
+
+    check: ItemCheck = Field(default_factory=ItemCheck)
+    edit: EditSummary = Field(default_factory=EditSummary)
+    # the editor's scope verdict on this item (an editor outcome, not a property of the item)
     verdict: Verdict = "not_run"
     reason: str = ""
     in_scope_ok: bool = False

@@ -4,7 +4,9 @@
   structured answers (`okedit_responder`), per-request latency and injectable faults
   (429 with retry-after, 500, timeouts, malformed JSON, refusals, truncation, content
   filter, no JSON-schema support). It counts every request and every distinct request body,
-  so tests can prove that a warm cache sends nothing and a re-run repeats nothing.
+  so tests can prove that a warm cache sends nothing and a re-run repeats nothing; it logs
+  the usage it returned (the truth the client's accounting must equal), request arrival
+  times and the most requests it had in flight at once.
   It also speaks the Files + Batches API (upload, create, poll, download) for batch mode.
 - `FakeImageServer`: serves fixed routes (good JPEGs, corrupt bytes, wrong content-type,
   oversized bodies, 404, slow answers) and counts hits per path.
@@ -188,10 +190,17 @@ def storm(p_429: float, p_500: float, p_malformed: float, seed: int = 0) -> Faul
 class ServerLog:
     requests: int = 0
     completions: int = 0  # HTTP 200 answers
+    prompt_tokens: int = 0  # the usage this server reported in its answers
+    completion_tokens: int = 0
+    faults: Counter[str] = field(default_factory=Counter)  # faults injected, by name
+    in_flight: int = 0
+    max_in_flight: int = 0  # the most chat requests it was answering at the same time
+    arrivals: list[float] = field(default_factory=list)  # time.time() of each chat request
     statuses: Counter[int] = field(default_factory=Counter)
     bodies: Counter[str] = field(default_factory=Counter)  # canonical body hash -> count
     schemas: Counter[str] = field(default_factory=Counter)
     auth_headers: set[str] = field(default_factory=set)
+    queries: set[str] = field(default_factory=set)  # query strings of chat requests
     raw: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -249,6 +258,7 @@ class FakeOpenAIServer:
         with self._lock:
             index = self.log.requests
             self.log.requests += 1
+            self.log.arrivals.append(time.time())
             self.log.bodies[canonical_hash(body)] += 1
             self.log.schemas[schema_name(body)] += 1
             self.log.auth_headers.add(auth)
@@ -261,6 +271,28 @@ class FakeOpenAIServer:
             self.log.statuses[status] += 1
             if status == 200:
                 self.log.completions += 1
+
+    def count_usage(self, usage: dict[str, int]) -> None:
+        with self._lock:
+            self.log.prompt_tokens += usage["prompt_tokens"]
+            self.log.completion_tokens += usage["completion_tokens"]
+
+    def count_fault(self, fault: str | None) -> None:
+        if fault is not None:
+            with self._lock:
+                self.log.faults[fault] += 1
+
+    @contextmanager
+    def busy(self) -> Iterator[None]:
+        """One chat request being answered (for `max_in_flight`)."""
+        with self._lock:
+            self.log.in_flight += 1
+            self.log.max_in_flight = max(self.log.max_in_flight, self.log.in_flight)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.log.in_flight -= 1
 
 
 def completion_json(
@@ -332,6 +364,7 @@ def answer(server: FakeOpenAIServer, body: dict[str, Any], fault: str | None) ->
         reply = completion_json(None, finish_reason="content_filter", **kwargs)
     else:
         reply = completion_json(content, **kwargs)
+    server.count_usage(reply["usage"])
     return 200, json.dumps(reply).encode(), {}
 
 
@@ -459,15 +492,21 @@ def _make_llm_handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
             raw = self.rfile.read(length)
             if len(raw) < length or not raw:
                 return  # the client died mid-request (kill tests): nothing arrived to answer
-            if self.path.endswith("/chat/completions"):
+            path, _, query = self.path.partition("?")
+            if path.endswith("/chat/completions"):
                 body = json.loads(raw or b"{}")
                 index = server.record(body, self.headers.get("Authorization", ""))
-                if server.latency_s:
-                    time.sleep(server.latency_s)
-                fault = server.faults(index, body) if server.faults else None
-                reply = answer(server, body, fault)
-                server.count_status(reply[0])
-                return self._send(reply)
+                if query:
+                    with server._lock:
+                        server.log.queries.add(query)
+                with server.busy():
+                    if server.latency_s:
+                        time.sleep(server.latency_s)
+                    fault = server.faults(index, body) if server.faults else None
+                    server.count_fault(fault)
+                    reply = answer(server, body, fault)
+                    server.count_status(reply[0])
+                    return self._send(reply)
             if self.path.endswith("/files"):
                 data = _multipart_file(self.headers["Content-Type"], raw)
                 return self._json(server.batch_store.add_file(data))

@@ -97,3 +97,58 @@ def test_clear_empties_the_codebook() -> None:
     book.add(v(1, 0), "A", 0.1, "a")
     book.clear()
     assert len(book) == 0 and book.keys is None
+
+
+# A split must never enlarge the old entry's ball (issue 12): a conflicting key within
+# ε_old + ε_new shrinks the old radius to d/2 (just short of it) or leaves it smaller.
+@pytest.mark.parametrize(
+    ("old_eps", "new_eps", "expected_old", "expected_new"),
+    [
+        (3.0, 1.0, 0.5 - SPLIT_MARGIN, 0.5),  # both balls larger than d/2: both become d/2
+        (0.3, 2.0, 0.3, 0.5),  # the old ball already smaller than d/2: it stays as it was
+    ],
+)
+def test_split_never_enlarges_the_old_radius(
+    old_eps: float, new_eps: float, expected_old: float, expected_new: float
+) -> None:
+    book: Codebook[str] = Codebook(distance="euclidean")
+    book.add(v(0, 0), "A", old_eps, "a")
+    placed = book.add(v(1, 0), "B", new_eps, "b")  # d = 1 <= ε_old + ε_new, labels differ
+    assert (placed.action, placed.index, placed.nearest_distance) == ("split", 1, 1.0)
+    assert book.epsilons[0] <= old_eps
+    assert book.epsilons[0] == pytest.approx(expected_old, abs=1e-9)
+    assert book.epsilons[1] == pytest.approx(expected_new, abs=1e-9)
+    # Beyond the old radius on the far side from the new key: the old entry is the nearest
+    # but no longer covers the probe, so the original module runs.
+    beyond = v(-(expected_old + 0.1), 0)
+    inside = v(-(expected_old - 0.1), 0)
+    _, idx = book.route(torch.stack([beyond, inside, v(0.6, 0)]))
+    assert idx.tolist() == [-1, 0, 1]
+
+
+def test_repeated_splits_never_grow_a_radius() -> None:
+    """Conflicting keys one after another: no radius ever grows, and each split leaves the
+    old and the new ball disjoint (ε_old + ε_new <= d)."""
+    generator = torch.Generator().manual_seed(0)
+    book: Codebook[str] = Codebook(distance="euclidean")
+    book.add(v(0, 0), "A", 2.0, "a")
+    splits = 0
+    for i in range(8):
+        before = list(book.epsilons)
+        key = torch.randn(2, generator=generator)
+        _, nearest = book.nearest(key[None])
+        old = int(nearest[0])
+        placed = book.add(key, f"V{i}", 2.0, f"label{i}")  # always a new label: add or split
+        assert placed.action in ("add", "split")
+        assert all(after <= eps for after, eps in zip(book.epsilons, before, strict=False))
+        if placed.action == "split":
+            splits += 1
+            d = placed.nearest_distance
+            assert book.epsilons[old] == pytest.approx(min(before[old], d / 2 - SPLIT_MARGIN))
+            assert book.epsilons[old] + book.epsilons[placed.index] <= d
+            _, idx = book.route(
+                book.keys[old, 0][None]
+                + (book.keys[old, 0] - key)[None] * ((book.epsilons[old] + 1e-3) / d)
+            )
+            assert int(idx[0]) != old  # just beyond the old ball, away from the new key
+    assert splits >= 3

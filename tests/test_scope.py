@@ -12,8 +12,9 @@ from editors.adapters.random_models import random_adapter
 from editors.config import EditorConfig, ModelConfig
 from editors.metrics import generation_exact_match
 from editors.scope import build_probes, make_editor, validate_record, verdict
-from pipeline.validate import scope_filter, validate_records
-from schemas.record import OkeditRecord, ProbeResult, Validation
+from pipeline.check import filter_by_check
+from pipeline.validate import validate_records
+from schemas.record import CheckReason, ItemCheck, OkeditRecord, ProbeResult, Validation
 from tests.records import make_record
 
 N_PROBES = 1 + 10 + 10 + 1 + 1 + 2  # edit, rephrases, image rephrases, locality, text neg, train
@@ -209,7 +210,7 @@ def test_ambiguity_compares_negatives_with_positives_of_their_family() -> None:
     assert verdict(black, kept, 0.4, "near_miss")[0] == "ambiguous"
 
 
-def test_validate_records_and_scope_filter(adapter: VLMAdapter) -> None:
+def test_validate_records_and_check_filter(adapter: VLMAdapter) -> None:
     records = [make_record("a"), make_record("b", target="xyzzy"), make_record("c")]
     out = validate_records(
         records,
@@ -221,11 +222,20 @@ def test_validate_records_and_scope_filter(adapter: VLMAdapter) -> None:
     assert [r.item_id for r in out] == ["a", "b", "c"]
     assert out[1].validation.verdict == "error"
     assert out[0].validation.verdict != "error" and out[2].validation.verdict != "error"
+    assert out[0].validation.check.status != "not_run"
     assert records[0].validation.verdict == "not_run"  # inputs are not mutated
-    ambiguous = out[0].model_copy(update={"validation": Validation(verdict="ambiguous")})
-    ok = out[2].model_copy(update={"validation": Validation(verdict="ok")})
-    kept, dropped = scope_filter([ambiguous, out[1], ok])
-    assert [r.item_id for r in kept] == ["b", "c"] and [r.item_id for r in dropped] == ["a"]
+
+    def status(record, name: str):
+        check = ItemCheck(status=name, reasons=[CheckReason(code="model_gap", probe="edit[0]")])
+        return record.model_copy(update={"validation": Validation(verdict="ok", check=check)})
+
+    mixed = [status(out[0], "unsound"), status(out[1], "model_gap"), status(out[2], "sound")]
+    kept, rejected = filter_by_check(mixed, "unsound")
+    assert [r.item_id for r in kept] == ["b", "c"] and [r.item_id for r in rejected] == ["a"]
+    assert rejected[0].stage == "validate" and rejected[0].reason.startswith("unsound: model_gap")
+    kept, rejected = filter_by_check(mixed, "model-gap")
+    assert [r.item_id for r in kept] == ["c"] and len(rejected) == 2
+    assert filter_by_check(mixed, "none") == (mixed, [])
 
 
 def test_sequential_validation_keeps_earlier_edits(adapter: VLMAdapter) -> None:

@@ -92,7 +92,9 @@ def load_model(config: ModelConfig) -> VLMAdapter:
     tokenizer = transformers.AutoTokenizer.from_pretrained(config.model)
     image_processor = transformers.AutoImageProcessor.from_pretrained(config.model, backend="pil")
     template = config.prompt_template or meta.get("prompt_template")
-    return make_adapter(model, tokenizer, image_processor, family, template)
+    adapter = make_adapter(model, tokenizer, image_processor, family, template)
+    adapter.text_bos = config.text_bos
+    return adapter
 
 
 __all__ = [

@@ -190,6 +190,9 @@ class VLMAdapter:
     mlp_writer: ClassVar[str] = "mlp.down_proj"  # writes the MLP output into the residual
     residual_input: ClassVar[str] = "post_attention_layernorm"  # its input = that residual
     image_before_bos: ClassVar[bool] = False  # BLIP-2 puts the query tokens before BOS
+    # With image_before_bos: the text after the image starts with BOS (Blip2Processor). Set
+    # per instance from `ModelConfig.text_bos`; the BalancEdit authors' BLIP-2 has no BOS.
+    text_bos: bool = True
     # Same-image rows may share a KV-cached prefix in `capture` (the suffixes continue the
     # positions the model gave the prefix, e.g. Qwen2-VL's M-RoPE).
     shares_prefix: ClassVar[bool] = True
@@ -314,7 +317,7 @@ class VLMAdapter:
     def encode_target(self, text_after: str, target: str) -> list[int]:
         """Token ids of `target` as it continues the prompt text (tokenized jointly when the
         prompt's ids are a prefix, so word boundaries match the tokenizer's own)."""
-        add_special = self.image_before_bos
+        add_special = self.image_before_bos and self.text_bos
         after = self._ids(text_after, add_special)
         joint = self._ids(f"{text_after} {target}", add_special)
         ids = (
@@ -334,7 +337,7 @@ class VLMAdapter:
         before = before.replace("{question}", question)
         after = after.replace("{question}", question)
         if self.image_before_bos:
-            return placeholder + self._ids(before + after, True), before + after
+            return placeholder + self._ids(before + after, self.text_bos), before + after
         return self._ids(before, True) + placeholder + self._ids(after, False), after
 
     def question_span(self, question: str, placeholder: list[int]) -> tuple[int, int]:
@@ -346,7 +349,7 @@ class VLMAdapter:
         """
         before, after = self.prompt_template.split("{image}", 1)
         if self.image_before_bos:
-            text, offset, special = before + after, len(placeholder), True
+            text, offset, special = before + after, len(placeholder), self.text_bos
         elif "{question}" in before:
             text, offset, special = before, 0, True
         else:
