@@ -369,7 +369,6 @@ def score(
     for record in validated:
         check = record.validation.check
         flagged = flagged_probes(record)
-        codes = [r.code for r in check.reasons]
         row: dict[str, Any] = {
             "item_id": record.item_id,
             "status": check.status,
@@ -386,15 +385,15 @@ def score(
         if mark.probe:
             detected = mark.probe in flagged
             on_probe = [r.code for r in check.reasons if probe_name(r.probe) == mark.probe]
-            right_code = any(c in EXPECTED_CODES[mark.kind] for c in on_probe)
             others = sorted(flagged - {mark.probe})
         else:
             detected = check.status in ("unsound", "model_gap")
-            right_code = any(c in EXPECTED_CODES[mark.kind] for c in codes)
+            on_probe = [r.code for r in check.reasons if probe_name(r.probe) is None]
             others = sorted(flagged)
         row |= asdict(mark) | {
             "detected": detected,
-            "right_code": right_code,
+            "detected_by": sorted(set(on_probe)),
+            "right_code": any(c in EXPECTED_CODES[mark.kind] for c in on_probe),
             "other_flagged_probes": others,
         }
         planted_rows.append(row)
@@ -414,6 +413,7 @@ def summarize(
             "recall": hits / len(rows) if rows else float("nan"),
             "right_code": sum(r["right_code"] for r in rows),
             "statuses": dict(Counter(r["status"] for r in rows)),
+            "detected_by": dict(Counter(c for r in rows for c in r["detected_by"])),
             "misses": [
                 r["item_id"] + (f" {r['probe']}" if r["probe"] else "")
                 for r in rows
@@ -434,6 +434,17 @@ def summarize(
         "clean_probes_flagged": flagged,
         "false_positive_probes": flagged / probes if probes else float("nan"),
         "clean_reason_codes": dict(codes),
+        "clean_flagged_by_family": dict(
+            Counter(p.split("[")[0] for r in clean_rows for p in r["flagged_probes"])
+        ),
+        "clean_not_sound_codes": dict(
+            Counter(
+                reason["code"]
+                for r in not_sound
+                for reason in r["reasons"]
+                if not reason["dropped"]
+            )
+        ),
         "clean_not_sound_items": [
             {"item_id": r["item_id"], "status": r["status"], "reasons": r["reasons"]}
             for r in not_sound
@@ -549,24 +560,30 @@ def markdown(report: dict[str, Any]) -> str:
     summary = report["summary"]
     n = len(report["seeds"])
     lines = [
-        f"| kind | planted ({n} seeds) | detected | recall | per seed | right code | status |",
-        "|---|---:|---:|---:|---|---:|---|",
+        f"| kind | planted ({n} seeds) | detected | recall | per seed | check status | "
+        "reasons on the planted probe (item kinds: item reasons) |",
+        "|---|---:|---:|---:|---|---|---|",
     ]
     for kind, stats in summary["per_kind"].items():
         label = kind if kind in KINDS else f"{kind} (extra)"
         per_seed = " / ".join(_pct(x) for x in stats["per_seed_recall"])
         statuses = ", ".join(f"{k} {v}" for k, v in sorted(stats["statuses"].items()))
+        by = ", ".join(f"{k} {v}" for k, v in sorted(stats["detected_by"].items())) or "–"
         lines.append(
             f"| {label} | {stats['planted']} | {stats['detected']} | "
-            f"{_pct(stats['recall'])} | {per_seed} | {stats['right_code']} | {statuses} |"
+            f"{_pct(stats['recall'])} | {per_seed} | {statuses} | {by} |"
         )
+    statuses = ", ".join(f"{k} {v}" for k, v in sorted(summary["clean_statuses"].items()))
+    families = ", ".join(f"{k} {v}" for k, v in sorted(summary["clean_flagged_by_family"].items()))
     lines += [
         "",
-        "| clean items | not sound | FP rate (items) | clean probes | flagged | FP rate (probes) |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| clean items | not sound | FP rate (items) | statuses | clean probes | flagged | "
+        "FP rate (probes) | flagged per family |",
+        "|---:|---:|---:|---|---:|---:|---:|---|",
         f"| {summary['clean_items']} | {summary['clean_not_sound']} | "
-        f"{_pct(summary['false_positive_items'])} | {summary['clean_probes']} | "
-        f"{summary['clean_probes_flagged']} | {_pct(summary['false_positive_probes'])} |",
+        f"{_pct(summary['false_positive_items'])} | {statuses} | {summary['clean_probes']} | "
+        f"{summary['clean_probes_flagged']} | {_pct(summary['false_positive_probes'])} | "
+        f"{families} |",
     ]
     return "\n".join(lines)
 

@@ -5,7 +5,9 @@ set come from the editor's reference defaults (`EDITOR_DEFAULTS`), and, for Bala
 the per-model edit-strength preset (`EDIT_PRESETS`, chosen by `EditorConfig.for_model`):
 the paper's lr 1e-4 suits BLIP-2-sized models but does not flip the answer of the tiny
 flagworld VLM in 50 steps (design §9), so edit strength is per model and reported with
-every result (`Validation.edit_config`).
+every result (`Validation.edit_config`). The "paper" preset (`EditorConfig.for_model(...,
+editor_preset="paper", family=...)`) replaces all of that by the settings of the BalancEdit
+authors' code (`authors_settings`); `differences_from_authors` lists what still differs.
 
 `ModelConfig` says which VLM to load and where (`editors.adapters.load_model`).
 """
@@ -351,7 +353,6 @@ def _setting_rows(config: EditorConfig, family: str) -> list[Difference]:
     """Differences in what an `EditorConfig` controls (none under the paper preset)."""
     from editors.adapters import ADAPTERS  # the adapters import this module
 
-    ours = config.model_dump()
     authors = authors_settings(family)
     model = _authors_model(family)
     rows: list[Difference] = []
@@ -402,8 +403,8 @@ def _setting_rows(config: EditorConfig, family: str) -> list[Difference]:
         ("steps", "Adam steps"),
         ("adam_eps", "Adam eps"),
     ):
-        if ours[name] != authors[name]:
-            rows.append(_row(setting, f"{ours[name]:g}", f"{authors[name]:g}"))
+        if getattr(config, name) != authors[name]:
+            rows.append(_row(setting, f"{getattr(config, name):g}", f"{authors[name]:g}"))
     if config.target_loss_stop is not None:
         rows.append(_row("early stop", f"at target loss < {config.target_loss_stop:g}", "none"))
     if config.edit_eos:

@@ -19,7 +19,7 @@ from typing import Any
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
-from prefect import flow, get_run_logger, runtime, task  # noqa: E402
+from prefect import Flow, flow, get_run_logger, runtime, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.deployments import run_deployment  # noqa: E402
@@ -36,6 +36,7 @@ from flows import tasks  # noqa: E402
 from flows.validate_shard import report_path  # noqa: E402
 from pipeline import stages  # noqa: E402
 from pipeline.config import BuildConfig  # noqa: E402
+from pipeline.llm import redact_secrets  # noqa: E402
 from pipeline.work import WorkDir  # noqa: E402
 
 # Stages that can take long enough to watch in the UI (LLM calls, image models, edits).
@@ -108,6 +109,24 @@ def build_okedit(
     resumed = work.claim(cfg.fingerprint(), cfg.describe())
     with work.lock():
         return _build(cfg, resumed)
+
+
+class _RedactedParameters(Flow):
+    """What Prefect records of a run (the parameters sent to its API, database and UI) has
+    credentials in URLs redacted (`user:key@`, `?api-key=`); the run itself gets them as
+    passed. A deployment run only gets what the API holds: its keys come from the worker's
+    environment (OPENAI_API_KEY, OPENAI_BASE_URL), never from parameters."""
+
+    def serialize_parameters(self, parameters: dict[str, Any]) -> dict[str, Any]:
+        return redact_secrets(super().serialize_parameters(parameters))
+
+    def with_options(self, **kwargs: Any) -> Any:
+        new = super().with_options(**kwargs)
+        new.__class__ = _RedactedParameters
+        return new
+
+
+build_okedit.__class__ = _RedactedParameters
 
 
 def run_build(config: BuildConfig) -> dict:
@@ -195,7 +214,7 @@ def _validate_sharded(
     plan = shard_plan(todo, cfg.scale.shards)
     # workers elsewhere must see the same absolute paths
     shared = cfg.model_copy(update={"out": cfg.out.resolve(), "cache_dir": cfg.cache_dir.resolve()})
-    params = shared.model_dump(mode="json")
+    params = redact_secrets(shared.model_dump(mode="json"))  # shards ask no LLM
     futures = [
         run_shard.submit(
             cfg.scale.validate_deployment, params, s, chunks, cfg.scale.shard_timeout_s

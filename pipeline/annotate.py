@@ -19,6 +19,7 @@ Batch API job, waits for it and continues from the cache (3 rounds + 1 per re-as
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -28,13 +29,15 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from pipeline.llm import (
+    TRANSIENT_KINDS,
     BudgetExceededError,
     LLMClient,
     LLMConfig,
@@ -42,6 +45,7 @@ from pipeline.llm import (
     LLMFatalError,
     LLMStats,
     LLMSuccess,
+    usage_report,
 )
 from schemas.record import (
     Annotation,
@@ -151,6 +155,27 @@ class TextNegativeOut(_Out):
 
 class TextNegativesOut(_Out):
     text_negatives: list[TextNegativeOut]
+
+
+def counted(model: type[T], **counts: int) -> type[T]:
+    """`model` whose JSON schema carries how many items each list holds (`minItems` =
+    `maxItems` = the count asked for in the prompt), so that servers decoding by the schema
+    alone (vLLM and Ollama guided decoding, strict structured outputs) return that many.
+    Only the schema says so: a longer answer is truncated and a shorter one re-asked by the
+    field's validation, never failed by parsing."""
+    return _counted(model, tuple(sorted(counts.items())))
+
+
+@lru_cache(maxsize=64)
+def _counted(model: type[T], counts: tuple[tuple[str, int], ...]) -> type[T]:
+    fields: dict[str, Any] = {
+        name: (
+            model.model_fields[name].annotation,
+            Field(json_schema_extra={"minItems": n, "maxItems": n}),
+        )
+        for name, n in counts
+    }
+    return create_model(model.__name__, __base__=model, __module__=model.__module__, **fields)
 
 
 # --------------------------------------------------------------------------- validation
@@ -263,9 +288,10 @@ class LLMAnnotatorConfig(BaseModel):
 
 
 class AnnotationReport(BaseModel):
-    items_in: int = 0
+    items_in: int = 0  # = kept + rejected + deferred
     kept: int = 0
     rejected: int = 0
+    deferred: int = 0  # failed on transient errors only: a re-run tries them again
     rejections_by_kind: dict[str, int] = Field(default_factory=dict)
     llm: LLMStats = Field(default_factory=LLMStats)
     cost_per_1k_items_usd: float | None = None
@@ -279,6 +305,11 @@ class _FieldFailed(Exception):
     def __init__(self, field: str, kind: str, detail: str):
         super().__init__(f"{field}: {kind}: {detail}")
         self.field, self.kind, self.detail = field, kind, detail
+
+    @property
+    def transient(self) -> bool:
+        """Failed on 429/5xx/timeouts/connection after the retries: a re-run may succeed."""
+        return self.kind in TRANSIENT_KINDS
 
 
 ResultCallback = Callable[[Annotation | Rejection], None]
@@ -327,6 +358,7 @@ class LLMAnnotator:
                     item_id=items[i].item_id,
                     stage="annotate",
                     reason=f"batch: deferred: still incomplete after {rounds} batch rounds",
+                    deferred=True,
                 )
             )
         return [r for r in results if r is not None]
@@ -372,8 +404,10 @@ class LLMAnnotator:
             return _ItemRun(self, item).run()
         except _Deferred:
             return None
-        except _FieldFailed as exc:
-            return Rejection(item_id=item.item_id, stage="annotate", reason=str(exc))
+        except _FieldFailed as exc:  # transient only: deferred, tried again by a re-run
+            return Rejection(
+                item_id=item.item_id, stage="annotate", reason=str(exc), deferred=exc.transient
+            )
 
     def _finish(self, result: Annotation | Rejection) -> Annotation | Rejection:
         self._count(result)
@@ -398,7 +432,10 @@ class LLMAnnotator:
         with self._lock:
             self._report.items_in += 1
             if isinstance(result, Rejection):
-                self._report.rejected += 1
+                if result.deferred:
+                    self._report.deferred += 1
+                else:
+                    self._report.rejected += 1
                 kind = result.reason.split(": ")[1] if ": " in result.reason else "other"
                 by_kind = self._report.rejections_by_kind
                 by_kind[kind] = by_kind.get(kind, 0) + 1
@@ -501,6 +538,7 @@ class _ItemRun:
         }
         results: list[CounterfactTypeOut] = []
         failures: list[str] = []
+        transient: list[str] = []
         waiting = False
         for sample in range(self.cfg.n_votes):
             try:
@@ -516,6 +554,7 @@ class _ItemRun:
                 )
             except _FieldFailed as exc:
                 failures.append(f"{exc.kind}: {exc.detail}")
+                transient += [exc.kind] if exc.transient else []
             except _Deferred:
                 waiting = True
         if waiting:
@@ -526,7 +565,10 @@ class _ItemRun:
         chosen = [r for r in results if r.counterfact_type == winner]
         if winner is None or len(chosen) * 2 <= self.cfg.n_votes:
             detail = f"no majority in votes {votes}" + (f"; failed: {failures}" if failures else "")
-            raise _FieldFailed("counterfact_type", "validation", detail)
+            # votes lost to 429/5xx may still make a majority: a re-run asks them again
+            raise _FieldFailed(
+                "counterfact_type", transient[0] if transient else "validation", detail
+            )
         return list(votes), chosen[0].counterfact_type, clean(chosen[0].reason)
 
     def rephrases(self, target: str) -> tuple[list[str], list[str]]:
@@ -538,7 +580,7 @@ class _ItemRun:
             evals = clean_list(o.rephrases)[:n_eval]
             taken = {norm(r) for r in evals}
             train = [r for r in clean_list(o.rephrases_train) if norm(r) not in taken]
-            return evals, train
+            return evals, train[:n_train]
 
         def check(o: RephrasesOut) -> list[str]:
             evals, train = split(o)
@@ -546,7 +588,7 @@ class _ItemRun:
 
         out = self.ask(
             "rephrases",
-            RephrasesOut,
+            counted(RephrasesOut, rephrases=n_eval, rephrases_train=n_train),
             {"question": question, "n_eval": n_eval, "n_train": n_train},
             check,
             fields=["rephrases", "rephrases_train"],
@@ -589,7 +631,7 @@ class _ItemRun:
 
         out = self.ask(
             "text_negatives",
-            TextNegativesOut,
+            counted(TextNegativesOut, text_negatives=k),
             {
                 "question": self.item.question,
                 "answer": self.answer,
@@ -697,7 +739,30 @@ def annotator_config(config: Any) -> LLMAnnotatorConfig:
     cache_dir = getattr(config, "cache_dir", None)
     if cache_dir is not None and "cache_path" not in llm:
         llm["cache_path"] = Path(cache_dir) / "llm-cache.sqlite"
+    if "build_id" not in llm and hasattr(config, "fingerprint"):
+        llm["build_id"] = build_id(config)
     return LLMAnnotatorConfig(llm=LLMConfig.model_validate(llm))
+
+
+def build_id(config: Any) -> str:
+    """The account of a build in the request database: its fingerprint (which leaves out
+    budgets and limits, so a re-run with a raised budget is the same build) and its output
+    folder. Every process and every resumed run of the build shares it: one budget, one
+    concurrency, one rate limit and one usage report."""
+    where = f"{config.fingerprint()}|{Path(config.out).resolve()}"
+    return "build-" + hashlib.sha256(where.encode()).hexdigest()[:16]
+
+
+def llm_usage(config: Any) -> dict[str, Any]:
+    """The build's LLM usage report (`pipeline.llm.usage_report`), located from the build
+    config alone: no client is built, no request is sent."""
+    llm = annotator_config(config).llm
+    report = usage_report(llm.cache_path, llm.build_id or "")
+    price = llm.price()
+    report["model"] = llm.model
+    report["price_per_1m_usd"] = price.model_dump() if price else None
+    report["budget_usd"] = llm.budget_usd
+    return report
 
 
 def make_annotator(config: Any, on_result: ResultCallback | None = None) -> LLMAnnotator:

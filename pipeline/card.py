@@ -253,6 +253,28 @@ def plot_scope(records: list[OkeditRecord], path: Path) -> Path | None:
     return path
 
 
+def settings_section(validation: dict) -> str:
+    """The editor settings against the BalancEdit authors' code (donglgcn/EasyEdit, branch
+    MMOKVQA): one row per difference."""
+    rows = validation.get("differences_from_authors")
+    if rows is None:
+        return ""
+    config = validation.get("edit_config") or {}
+    main = ", ".join(
+        f"{k} {config[k]}" for k in ("lr", "steps", "alpha", "negative", "edit_eos") if k in config
+    )
+    preset = validation.get("editor_preset") or "default"
+    head = f"Editor settings (preset `{preset}`): {main}.\n\n"
+    if not rows:
+        return head + "These are the authors' settings (donglgcn/EasyEdit, branch MMOKVQA)."
+    lead = (
+        "The authors' settings, except what no setting can change:"
+        if preset == "paper"
+        else "Where this build differs from the authors' code (donglgcn/EasyEdit, MMOKVQA):"
+    )
+    return head + lead + "\n\n" + _markdown_table(pl.DataFrame(rows))
+
+
 def _yaml_header(source: str, n: int) -> str:
     size = "n<1K" if n < 1000 else "1K<n<10K"
     return f"""---
@@ -348,6 +370,8 @@ Rejections:
 ### Editor outcome
 
 {validation_table(records)}
+
+{settings_section(validation)}
 
 {plot_md}
 ## Fields

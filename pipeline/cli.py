@@ -150,6 +150,18 @@ def build(
     annotator: Annotated[str, typer.Option(help="offline | llm")] = "offline",
     llm_base_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible URL")] = None,  # noqa: UP045
     llm_model: Annotated[str, typer.Option(help="LLM model name")] = "gpt-4o-mini",
+    llm_budget_usd: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(min=0, help="stop the build's LLM requests before they cost more (USD)"),
+    ] = None,
+    llm_concurrency: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(min=1, help="LLM requests in flight, for the whole build (default 16)"),
+    ] = None,
+    llm_rpm: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(min=0.001, help="LLM requests per minute, for the whole build"),
+    ] = None,
     validate: Annotated[bool, typer.Option(help="run the BalancEdit scope check")] = True,
     model: Annotated[
         Optional[str],  # noqa: UP045
@@ -220,6 +232,7 @@ def build(
         "image_base_url": image_base_url,
     }
     images = {"backend": image_backend, "pool_dir": image_pool, "model": image_model}
+    llm_limits = {"budget_usd": llm_budget_usd, "requests_per_minute": llm_rpm}
     _run_build(
         {
             "source": {
@@ -232,7 +245,13 @@ def build(
             "seed": seed,
             "out": out,
             "chunk_size": chunk_size,
-            "annotator": {"kind": annotator, "llm_base_url": llm_base_url, "llm_model": llm_model},
+            "annotator": {
+                "kind": annotator,
+                "llm_base_url": llm_base_url,
+                "llm_model": llm_model,
+                **({"concurrency": llm_concurrency} if llm_concurrency else {}),
+                "llm": {k: v for k, v in llm_limits.items() if v is not None},
+            },
             "validation": validation,
             "publish": {"repo_id": repo_id, "private": private},
         }

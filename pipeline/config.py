@@ -42,13 +42,30 @@ class SourceSettings(BaseModel):
     image_base_url: str = "http://images.cocodataset.org"
 
 
+# `LLMConfig` fields that set how requests are paced, paid for, retried and cached, never
+# what is asked: a build resumes when they change (e.g. a raised --llm-budget-usd).
+LLM_RUNTIME_FIELDS = frozenset(
+    {"api_key", "budget_usd", "prices", "requests_per_minute", "tokens_per_minute",
+     "concurrency", "timeout_s", "connect_timeout_s", "max_retries", "cache_path", "build_id",
+     "batch_poll_s", "batch_timeout_s"}
+)  # fmt: skip
+
+
 class AnnotatorSettings(BaseModel):
     kind: Literal["offline", "llm"] = "offline"
     llm_base_url: str | None = None
     llm_model: str = "gpt-4o-mini"
-    concurrency: int = Field(16, ge=1)
+    concurrency: int = Field(16, ge=1)  # LLM requests in flight for the whole build
     # any other `pipeline.llm.LLMConfig` field (rate limits, prices, budget, batch mode)
     llm: dict[str, Any] = Field(default_factory=dict)
+
+    def described(self) -> dict:
+        """What defines the annotations: no keys, limits or budgets (see LLM_RUNTIME_FIELDS)."""
+        described = self.model_dump(mode="json", exclude={"concurrency"})
+        described["llm"] = {
+            k: v for k, v in described["llm"].items() if k not in LLM_RUNTIME_FIELDS
+        }
+        return described
 
 
 ImageBackendName = Literal["render", "openai", "diffusers", "retrieve"]
@@ -247,11 +264,14 @@ class BuildConfig(BaseModel):
         """The settings that define the dataset (no paths of this machine, no secrets), with
         the editor settings as resolved (defaults and model preset included), so that a
         change of defaults is a different build, never a resume of stale validations."""
+        from pipeline.llm import redact_secrets
+
         described = self.model_dump(mode="json", exclude={"out", "cache_dir", "publish", "scale"})
+        described["annotator"] = self.annotator.described()
         if self.validation.enabled:
             resolved = self.validation.editor_settings().model_dump(mode="json")
             described["validation"]["resolved_editor"] = resolved
-        return described
+        return redact_secrets(described)  # credentials in URLs (user:key@, ?api-key=)
 
     def fingerprint(self) -> str:
         blob = json.dumps(self.describe(), sort_keys=True).encode()

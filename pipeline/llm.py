@@ -14,11 +14,28 @@ request pointless raise (`LLMFatalError`: bad key, unknown model; `BudgetExceede
   which holds no credentials) and interpreted by the same function whether fresh or cached,
   so a re-run sends nothing twice and yields the same results. Transient failures are not
   cached.
-- Client-side limiter (requests/min, tokens/min), `concurrency` requests in flight; the
-  openai client's own retries handle 429 (honouring retry-after), 5xx, timeouts and
-  connection errors; nothing else is retried here.
-- Usage and cost: tokens per request, cost from `LLMConfig.prices`, an optional budget cap
-  checked *before* each request with a worst-case estimate, so it is never overrun.
+- One account per build (`LLMConfig.build_id`) in a `Ledger` inside the request database:
+  the budget (a worst-case hold per request in flight, settled with the server's usage,
+  each a `BEGIN IMMEDIATE` transaction), `concurrency` slots and the requests/min and
+  tokens/min buckets, shared by every thread and process of the build (thread pools, Dask
+  workers, deployment runs on this machine) and by its resumed runs.
+  Why not Prefect's global concurrency limits and rate limits: they need a Prefect API that
+  every process reaches (the embedded API is one per process), a limit created by name
+  before use (without one, `concurrency()` silently does not limit), an API round trip per
+  acquire and release plus lease renewals, and they would leave the budget elsewhere
+  anyway; the request database is already shared by all processes of a build, works with
+  or without Prefect, and frees a dead process's slots at once (host + pid) or when its
+  lease ends. It needs the cache on a local disk of one machine (SQLite locks are not
+  reliable over NFS): annotation does not scale across machines this way.
+- Retries are ours, not the openai client's: 429 (honouring retry-after), 408/409, 5xx,
+  timeouts and connection errors, up to `max_retries`; each attempt is paced, held against
+  the budget and written to the ledger.
+- Usage and cost: every request sent (votes, re-asks, retries, failures) and every cache
+  hit is one ledger row with the server's own `usage` and its cost from `LLMConfig.prices`
+  (none for an unpriced model: tokens only); `usage_report(db, build_id)` sums them.
+- Credentials in URLs (`user:key@`, `?api-key=`) are redacted wherever they are written
+  (`redact_secrets`, and a filter on the loggers that print request URLs); a key in the
+  base URL's query is sent as a default query parameter.
 
 The API key is a `SecretStr`: it is never logged, cached, or part of a cache key.
 """
@@ -752,7 +769,8 @@ class RedactingFilter(logging.Filter):
 
 
 _REDACTING_FILTER = RedactingFilter()
-for _name in ("httpx", "openai", "openai._base_client", __name__):
+# the loggers that write request URLs (openai vendors httpx as httpx2), and ours
+for _name in ("httpx", "httpx2", "httpcore", "openai", "openai._base_client", __name__):
     logging.getLogger(_name).addFilter(_REDACTING_FILTER)
 
 
@@ -953,7 +971,7 @@ class LLMClient:
             )
         ).with_options(max_retries=0)
         self._cache = RequestCache(config.cache_path) if config.cache_path else None
-        self.build_id = f"client-{uuid.uuid4().hex[:16]}"  # BROKEN ON PURPOSE
+        self.build_id = config.build_id or f"client-{uuid.uuid4().hex[:16]}"
         self._ledger = Ledger(config.cache_path or ":memory:")
         self._limiter = RateLimiter(
             config.requests_per_minute, config.tokens_per_minute, self._ledger, self.build_id

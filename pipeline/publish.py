@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from datasets.utils import logging as datasets_logging
 
-from pipeline.card import plot_scope, render_card
+from pipeline.card import plot_scope, render_card, write_checks
 from schemas.easyedit import export_easyedit
 from schemas.features import records_to_dataset
 from schemas.record import OkeditRecord, Rejection
@@ -22,6 +22,7 @@ from schemas.record import OkeditRecord, Rejection
 if TYPE_CHECKING:
     from pipeline.config import ValidateSettings
 
+CHECKS_FILE = "checks.parquet"  # one row per item: check and editor outcome (linked by the card)
 SHARD_SIZE = 500  # records per parquet file; keeps files well under the Hub's 5 GB limit
 
 
@@ -81,6 +82,8 @@ def resolved_validation(settings: ValidateSettings) -> dict | None:
         "editor": settings.editor_settings().model_dump(mode="json"),
         "check": settings.check.model_dump(mode="json"),
         "filter": settings.filter,
+        "editor_preset": settings.editor_preset,
+        "differences_from_authors": settings.differences_from_authors(),
     }
 
 
@@ -99,6 +102,8 @@ def validation_summary(records: list[OkeditRecord], settings: dict | None) -> di
         "filter": settings["filter"] if settings else None,
         "check_config": settings["check"] if settings else None,
         "edit_config": editor,
+        "editor_preset": settings["editor_preset"] if settings else None,
+        "differences_from_authors": settings["differences_from_authors"] if settings else None,
     }
 
 
@@ -206,7 +211,10 @@ def publish_local(
         "validation": validation_summary(records, validation),
         "files": {"data": [f"data/{p.name}" for p in shards]},
     }
-    card_text = render_card(records, rejections, manifest, "plots/scope.png" if plot else None)
+    checks_tmp = write_checks(records, out / ".checks.parquet.tmp")
+    card_text = render_card(
+        records, rejections, manifest, "plots/scope.png" if plot else None, CHECKS_FILE
+    )
 
     manifest_path = out / "manifest.json"
     manifest_path.unlink(missing_ok=True)
@@ -214,6 +222,7 @@ def publish_local(
         _swap_in(folder, out / name)
     rejected_path = out / "rejected.jsonl"
     _write_atomic(rejected_path, "".join(r.model_dump_json() + "\n" for r in rejections))
+    os.replace(checks_tmp, out / CHECKS_FILE)
     card = out / "README.md"
     _write_atomic(card, card_text)
     _write_atomic(manifest_path, json.dumps(manifest, indent=2, default=str))
@@ -223,6 +232,7 @@ def publish_local(
         "card": card,
         "manifest": manifest_path,
         "rejected": rejected_path,
+        "checks": out / CHECKS_FILE,
         **({"plot": out / "plots" / "scope.png"} if plot else {}),
     }
 
@@ -234,6 +244,7 @@ HUB_DATA_PATTERNS = [
     "easyedit/*.json",
     "easyedit/images/*",
     "plots/*.png",
+    "checks.parquet",
     "manifest.json",
     "rejected.jsonl",
 ]

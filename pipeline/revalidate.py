@@ -67,6 +67,7 @@ def revalidate_folder(
     device: str,
     filter_mode: FilterMode = "none",
     editor: dict | None = None,
+    editor_preset: str = "default",
 ) -> dict:
     """Validate every published record again, drop what `filter_mode` drops, publish to `out`
     (in place when `out` is `folder`); returns the summary (in = published + rejected)."""
@@ -76,6 +77,7 @@ def revalidate_folder(
     settings = ValidateSettings(
         device=device,
         editor=editor or {},
+        editor_preset=editor_preset,
         filter=filter_mode,
         **({"model": model} if model else {}),
     )

@@ -198,7 +198,7 @@ def collect(cfg: BuildConfig, n_chunks: int) -> tuple[list[OkeditRecord], list[R
 def finalize(cfg: BuildConfig, n_chunks: int, n_in: int) -> dict:
     """Publish the local folder; returns the summary (in = published + rejected)."""
     from pipeline.check import filter_by_check
-    from pipeline.publish import publish_local
+    from pipeline.publish import publish_local, resolved_validation
 
     records, rejected, stage_counts = collect(cfg, n_chunks)
     records, dropped = filter_by_check(records, cfg.validation.filter)
@@ -217,7 +217,11 @@ def finalize(cfg: BuildConfig, n_chunks: int, n_in: int) -> dict:
         "counts": counts,
         "stages": stage_counts,
     }
-    paths = publish_local(records, rejected, cfg.out, manifest)
+    if cfg.annotator.kind == "llm":  # every request of the build, as the server counted it
+        from pipeline.annotate import llm_usage
+
+        manifest["llm"] = llm_usage(cfg)
+    paths = publish_local(records, rejected, cfg.out, manifest, resolved_validation(cfg.validation))
     return {
         "counts": counts,
         "stages": stage_counts,

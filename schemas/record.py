@@ -227,6 +227,9 @@ class Rejection(_Model):
     item_id: str
     stage: str
     reason: str
+    # failed only on transient errors (429, 5xx, timeouts) after its retries: not a verdict
+    # on the item; a re-run tries it again
+    deferred: bool = False
 
 
 IMAGE_FIELDS: tuple[str, ...] = ("image", "locality_image_train")

@@ -140,6 +140,40 @@ def okedit_responder(body: dict[str, Any]) -> str:
     return json.dumps({"error": f"unknown schema {name!r}"})
 
 
+def request_schema(body: dict[str, Any]) -> dict[str, Any]:
+    """The JSON schema a request asks to follow (JSON-schema mode, or the schema quoted in
+    the system message in json_object mode)."""
+    fmt = body.get("response_format") or {}
+    if fmt.get("type") == "json_schema":
+        return dict(fmt["json_schema"]["schema"])
+    for message in body.get("messages", []):
+        content = message.get("content") or ""
+        if "JSON schema: " in content:
+            return dict(json.loads(content.split("JSON schema: ", 1)[1]))
+    return {}
+
+
+def schema_only_responder(default_count: int = 3) -> Responder:
+    """A server that follows the JSON schema alone, as guided decoding does (vLLM, Ollama,
+    strict structured outputs): every list gets the fewest items the schema allows
+    (`minItems`, else `default_count`), whatever count the prompt asks for."""
+
+    def respond(body: dict[str, Any]) -> str:
+        data = json.loads(okedit_responder(body))
+        base = _field(_user_text(body), "Question").rstrip("?")
+        make = {
+            "rephrases": lambda i: f"{base}, variant {i}?",
+            "rephrases_train": lambda i: f"{base}, training variant {i}?",
+            "text_negatives": lambda i: {"question": f"{base} other fact {i}?", "answer": f"f{i}"},
+        }
+        for name, prop in request_schema(body).get("properties", {}).items():
+            if prop.get("type") == "array" and name in make:
+                data[name] = [make[name](i) for i in range(prop.get("minItems", default_count))]
+        return json.dumps(data)
+
+    return respond
+
+
 # --------------------------------------------------------------------------- fault plans
 
 
@@ -198,6 +232,7 @@ class ServerLog:
     arrivals: list[float] = field(default_factory=list)  # time.time() of each chat request
     statuses: Counter[int] = field(default_factory=Counter)
     bodies: Counter[str] = field(default_factory=Counter)  # canonical body hash -> count
+    answered: Counter[str] = field(default_factory=Counter)  # ... of HTTP 200 answers (paid)
     schemas: Counter[str] = field(default_factory=Counter)
     auth_headers: set[str] = field(default_factory=set)
     queries: set[str] = field(default_factory=set)  # query strings of chat requests
@@ -266,11 +301,13 @@ class FakeOpenAIServer:
                 self.log.raw.append(body)
             return index
 
-    def count_status(self, status: int) -> None:
+    def count_status(self, status: int, body: dict[str, Any] | None = None) -> None:
         with self._lock:
             self.log.statuses[status] += 1
             if status == 200:
                 self.log.completions += 1
+                if body is not None:
+                    self.log.answered[canonical_hash(body)] += 1
 
     def count_usage(self, usage: dict[str, int]) -> None:
         with self._lock:
@@ -505,7 +542,7 @@ def _make_llm_handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
                     fault = server.faults(index, body) if server.faults else None
                     server.count_fault(fault)
                     reply = answer(server, body, fault)
-                    server.count_status(reply[0])
+                    server.count_status(reply[0], body)
                     return self._send(reply)
             if self.path.endswith("/files"):
                 data = _multipart_file(self.headers["Content-Type"], raw)

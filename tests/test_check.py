@@ -189,3 +189,33 @@ def test_dropping_prunes_the_record_and_renumbers_the_probes() -> None:
     # the held-out training text negative still points at its question
     train = next(p for p in left if p.kind == "train_text_neg")
     assert pruned.text_negatives[train.index] == item.text_negatives[2]
+
+
+def test_filtered_items_are_counted_as_rejections(tmp_path) -> None:
+    """in = published + rejected holds with the filter on: every dropped item is a rejection
+    of the validate stage, in the summary, the manifest and rejected.jsonl."""
+    import json
+
+    from pipeline.config import BuildConfig
+    from pipeline.stages import finalize
+    from pipeline.work import WorkDir
+    from schemas.record import CheckReason, ItemCheck, Validation
+
+    def checked(item_id: str, status: str):
+        reasons = [] if status == "sound" else [CheckReason(code="model_gap", probe="edit[0]")]
+        check = ItemCheck(status=status, reasons=reasons)
+        return make_record(item_id, validation=Validation(verdict="fail", check=check))
+
+    records = [checked("a", "sound"), checked("b", "unsound"), checked("c", "model_gap")]
+    cfg = BuildConfig(out=tmp_path / "out", validation={"filter": "model-gap", "enabled": False})
+    work = WorkDir(cfg.out)
+    for stage in ("gather", "annotate", "images", "assemble"):
+        work.write_chunk(stage, 0, [], [])
+    work.write_chunk("validate", 0, records, [])
+    summary = finalize(cfg, n_chunks=1, n_in=3)
+    assert summary["counts"] == {"in": 3, "published": 1, "rejected": 2}
+    assert summary["stages"]["validate"] == {"ok": 1, "rejected": 2}
+    lines = (cfg.out / "rejected.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["item_id"] for line in lines) == ["b", "c"]
+    manifest = json.loads((cfg.out / "manifest.json").read_text())
+    assert manifest["counts"] == summary["counts"]

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import polars as pl
 import pytest
 from datasets import load_dataset
 from PIL import Image
@@ -52,14 +53,18 @@ def test_easyedit_card_manifest(built):
     entries = json.loads((cfg.out / "easyedit" / "okedit.json").read_text())
     assert len(entries) == summary["counts"]["published"]
     for entry in entries:
-        assert len(entry) == 11 and all(v.strip() for v in entry.values())
+        assert len(entry) == 12 and all(v.strip() for v in entry.values())  # 11 + item_id
         assert (cfg.out / "easyedit" / entry["m_loc"]).exists()
     card = (cfg.out / "README.md").read_text()
-    assert card.startswith("---\n") and "Validation (BalancEdit scope check)" in card
+    assert card.startswith("---\n") and "### Item check" in card and "### Editor outcome" in card
+    assert "authors' code" in card  # the settings table against donglgcn/EasyEdit
     manifest = json.loads((cfg.out / "manifest.json").read_text())
     assert manifest["fingerprint"] == cfg.fingerprint()
     assert manifest["counts"] == summary["counts"]
+    checks = manifest["validation"]["checks"]
+    assert sum(checks.values()) == summary["counts"]["published"] and "not_run" not in checks
     assert (cfg.out / "plots" / "scope.png").exists()
+    assert len(pl.read_parquet(cfg.out / "checks.parquet")) == summary["counts"]["published"]
 
 
 def test_rerun_resumes_without_redoing(built):

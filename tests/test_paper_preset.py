@@ -264,12 +264,15 @@ def test_cli_build_with_the_paper_preset(
     prefect_api: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)  # the build cache (.okedit-cache) stays in tmp_path
-    out = tmp_path / "out"
-    args = ["build", "--limit", "2", "--out", str(out), "--editor-preset", "paper"]
-    result = CliRunner().invoke(app, args, catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    records, _, _ = read_folder(out)
-    assert records
+    out, again = tmp_path / "out", tmp_path / "again"
+    for args in (
+        ["build", "--limit", "2", "--out", str(out), "--editor-preset", "paper"],
+        ["validate", str(out), "--out", str(again), "--editor-preset", "paper", "--no-generate"],
+    ):
+        result = CliRunner().invoke(app, args, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+    records = read_folder(out)[0] + read_folder(again)[0]
+    assert len(records) == 4
     for record in records:
         config = json.loads(record.validation.edit_config)
         assert record.validation.verdict != "error", record.validation.reason
