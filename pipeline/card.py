@@ -275,6 +275,36 @@ def settings_section(validation: dict) -> str:
     return head + lead + "\n\n" + _markdown_table(pl.DataFrame(rows))
 
 
+def llm_section(llm: dict | None, items_in: int) -> str:
+    """What the annotation cost: every request the build sent, as the server counted it."""
+    if not llm:
+        return ""
+    cost = llm.get("cost_usd")
+    per_1k = f"${cost / items_in * 1000:.4f}" if cost is not None and items_in else "-"
+    rows = [
+        ("model", f"`{llm.get('model', '-')}`"),
+        ("requests (answered)", f"{llm['requests']} ({llm['answered']})"),
+        ("cache hits", llm["cache_hits"]),
+        ("tokens prompt / completion / total",
+         f"{llm['prompt_tokens']} / {llm['completion_tokens']} / {llm['total_tokens']}"),
+        ("cost", f"${cost:.4f}" if cost is not None else llm["cost_note"]),
+        ("cost per 1k items in", per_1k),
+        ("budget", f"${llm['budget_usd']}" if llm.get("budget_usd") is not None else "none"),
+        ("retries by cause",
+         ", ".join(f"{k} {v}" for k, v in llm["retries"].items() if v) or "none"),
+        ("refusals / malformed / re-asks",
+         f"{llm['refusals']} / {llm['malformed']} / {llm['reasks']}"),
+    ]  # fmt: skip
+    table = _markdown_table(
+        pl.DataFrame({"LLM usage": [r[0] for r in rows], "": [str(r[1]) for r in rows]})
+    )
+    templates = llm.get("by_template") or {}
+    if templates:
+        frame = pl.DataFrame([{"prompt template": k, **v} for k, v in templates.items()])
+        table += "\n\nPer prompt template:\n\n" + _markdown_table(frame)
+    return "## Annotation cost\n\n" + table + "\n"
+
+
 def _yaml_header(source: str, n: int) -> str:
     size = "n<1K" if n < 1000 else "1K<n<10K"
     return f"""---
@@ -340,6 +370,8 @@ questions that it **should not** reach (locality). It follows BalancEdit (Guo et
 | build fingerprint | `{manifest["fingerprint"]}` |
 | okedit | {manifest["versions"]["okedit"]} |
 | LLM tokens (prompt / completion) | {tokens.get("prompt", 0)} / {tokens.get("completion", 0)} |
+
+{llm_section(manifest.get("llm"), counts["in"])}
 
 ## Counts
 

@@ -65,10 +65,11 @@ def write_parquet(records: list[OkeditRecord], data_dir: Path) -> list[Path]:
     return paths
 
 
-def token_totals(records: list[OkeditRecord]) -> dict[str, int]:
-    prompt = sum(p.prompt_tokens for r in records for p in r.provenance)
-    completion = sum(p.completion_tokens for r in records for p in r.provenance)
-    return {"prompt": prompt, "completion": completion}
+def token_totals(manifest: dict) -> dict[str, int]:
+    """Prompt/completion tokens of every request the build sent (votes, re-asks, failures and
+    rejected items included), from the LLM usage report; 0 without an LLM annotator."""
+    llm = manifest.get("llm") or {}
+    return {"prompt": llm.get("prompt_tokens", 0), "completion": llm.get("completion_tokens", 0)}
 
 
 def resolved_validation(settings: ValidateSettings) -> dict | None:
@@ -207,7 +208,7 @@ def publish_local(
         **manifest,
         **({"config": describe_for_manifest(manifest["config"])} if "config" in manifest else {}),
         "versions": package_versions(),
-        "tokens": token_totals(records),
+        "tokens": token_totals(manifest),
         "validation": validation_summary(records, validation),
         "files": {"data": [f"data/{p.name}" for p in shards]},
     }

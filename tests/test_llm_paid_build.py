@@ -117,6 +117,10 @@ def test_paid_build_accounts_every_request_and_writes_no_secret(
     assert usage["retries"]["rate_limited"] == 1
     assert usage["refusals"] == 1 and usage["malformed"] == 1 and usage["reasks"] == 1
     assert usage["budget_usd"] == 1.0 and usage["model"] == "gpt-4o-mini"
+    # the totals the manifest and the card show are the server's, not the records' provenance
+    assert manifest["tokens"] == {"prompt": log.prompt_tokens, "completion": log.completion_tokens}
+    card = (out / "README.md").read_text()
+    assert "## Annotation cost" in card and f"{usage['requests']} ({usage['answered']})" in card
     # ... and written nowhere
     for secret in (USER_SECRET, QUERY_SECRET):
         for path in [*out.rglob("*"), *(tmp_path / ".okedit-cache").rglob("*")]:
