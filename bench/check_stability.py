@@ -40,7 +40,7 @@ sys.path[:0] = [str(BENCH.parent), str(BENCH)]
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from defects import build_flagworld, model_config_for, validate  # noqa: E402
+from defects import build_flagworld, code_version, model_config_for, validate  # noqa: E402
 
 from editors.adapters import load_model  # noqa: E402
 from schemas.record import OkeditRecord  # noqa: E402
@@ -278,6 +278,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": " ".join(
             [".venv/bin/python", "bench/check_stability.py", *(argv or sys.argv[1:])]
         ),
+        "code": code_version(),
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),

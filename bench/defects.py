@@ -604,6 +604,22 @@ def misses_text(report: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------- main
 
 
+def code_version() -> dict[str, str]:
+    """The commit and the hashes of the check's files (they may be uncommitted while the
+    check is being written), so a result names the code it measured."""
+    import hashlib
+    import subprocess
+
+    root = BENCH.parent
+    head = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+    ).stdout.strip()
+    files = ("pipeline/check.py", "pipeline/validate.py", "editors/scope.py")
+    return {"commit": head} | {
+        f: hashlib.sha256((root / f).read_bytes()).hexdigest()[:12] for f in files
+    }
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -630,6 +646,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report |= {
         "wall_s": round(time.perf_counter() - wall, 1),
         "command": " ".join([".venv/bin/python", "bench/defects.py", *(argv or sys.argv[1:])]),
+        "code": code_version(),
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),

@@ -71,6 +71,18 @@ POSITIVE_KINDS = ("edit", "rephrase", "image_rephrase")
 RADIUS_KINDS = ("edit", "train_pos", "train_neg", "train_text_neg")  # EditRequest.rows() order
 NEGATIVE_KINDS = ("locality", "text_negative")
 MAX_REASONS = 5
+# The image-free locality probe (EasyEdit's `loc`: a question on an unrelated fact asked with
+# no image). Every adapter builds each row from an image, and a true text-only row would need
+# batches that mix rows with and without images in every family (BLIP-2 always prepends its
+# query tokens), so the question is asked on a plain mid-grey image, the closest to "no image"
+# that every family accepts. The tiny flagworld VLM is trained to answer such questions with
+# no image, this grey image or any flag alike (pipeline/tiny_model.py).
+IMAGE_FREE_COLOUR = (128, 128, 128)
+
+
+def image_free_image(size: tuple[int, int]) -> Image.Image:
+    """The stand-in image of image-free probes: plain `IMAGE_FREE_COLOUR`, `size` (w, h)."""
+    return Image.new("RGB", size, IMAGE_FREE_COLOUR)
 
 
 class ScopeInputError(ValueError):

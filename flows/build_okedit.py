@@ -10,8 +10,10 @@ GPU workers as `validate-okedit-shard` flow runs (`BuildConfig.scale`, docs/scal
 # No `from __future__ import annotations` here: a served flow is cloudpickled by value with
 # only the globals its code uses, so string annotations (BuildConfig) would not resolve when
 # Prefect validates the parameters of a deployment run.
+import contextlib
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 # The embedded (ephemeral) API migrates a SQLite database on first use; give it time, and
@@ -107,8 +109,31 @@ def build_okedit(
     cfg = _apply_overrides(config, overrides)
     work = WorkDir(cfg.out)
     resumed = work.claim(cfg.fingerprint(), cfg.describe())
-    with work.lock():
+    with work.lock(), _own_sigterm():
         return _build(cfg, resumed)
+
+
+# `okedit build`'s SIGTERM handler (pipeline.cli: stop sending, keep finished chunks, stop
+# the embedded API). Prefect's flow engine swaps SIGTERM for its own handler during a run,
+# meant for a runner cancelling a deployment run; in the command's own process the build
+# puts the command's handler back for the flow's body. None elsewhere (workers, serve).
+SIGTERM_HANDLER: Any = None
+
+
+@contextlib.contextmanager
+def _own_sigterm() -> Any:
+    import signal
+    import threading
+
+    handler = SIGTERM_HANDLER
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class _RedactedParameters(Flow):
@@ -141,6 +166,68 @@ def run_build(config: BuildConfig) -> dict:
         return build_okedit(config=config)
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         return build_okedit(config=config)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Process ids of every descendant of `pid` (Linux /proc; empty elsewhere)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        kids = [p for p, pp in parents.items() if pp == parent]
+        found += kids
+        frontier += kids
+    return found
+
+
+def stop_children(grace_s: float = 2.0) -> None:
+    """Stop the embedded Prefect API server this process started, and any other process
+    it started (SIGTERM, then SIGKILL after `grace_s`), and reap them: what a stopped build
+    must not leave behind. Safe to call when there is none."""
+    import signal
+    import time
+
+    from prefect.server.api.server import SubprocessASGIServer
+
+    servers = list(SubprocessASGIServer._instances.values())
+    pids = _descendants(os.getpid())
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(_alive_child(p) for p in pids):
+        time.sleep(0.05)
+    for pid in pids:
+        if _alive_child(pid):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+    for pid in pids:
+        with contextlib.suppress(OSError):  # not ours to reap (a grandchild) or reaped
+            os.waitpid(pid, 0)
+    for server in servers:  # its bookkeeping: the process is gone
+        server.server_process = None
+        server.stop()
+
+
+def _alive_child(pid: int) -> bool:
+    """True while `pid` runs (a zombie child is reaped here and counts as gone)."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return False
+    except ChildProcessError:
+        pass  # not our child: see whether it still exists
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
 
 
 def _build(cfg: BuildConfig, resumed: bool) -> dict:

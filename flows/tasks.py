@@ -124,13 +124,25 @@ def publish_local(config_json: str, n_chunks: int, n_in: int) -> dict:
     return stages.finalize(config_of(config_json), n_chunks, n_in)
 
 
+def retry_hub_transient(task_: Any, task_run: Any, state: Any) -> bool:
+    """`retry_condition_fn` of the Hub push: retry only huggingface_hub's and its HTTP
+    client's transient errors (`pipeline.publish.is_transient_hub_error`)."""
+    from pipeline.publish import is_transient_hub_error
+
+    try:
+        state.result()
+    except Exception as exc:
+        return is_transient_hub_error(exc)
+    return False
+
+
 @task(
     name="publish-hub",
     cache_policy=NO_CACHE,
     persist_result=False,
     retries=3,
     retry_delay_seconds=[10, 30, 60],
-    retry_condition_fn=retry_transient,
+    retry_condition_fn=retry_hub_transient,
 )
 def publish_hub(config_json: str) -> dict | None:
     return stages.publish_hub(config_of(config_json))

@@ -6,9 +6,16 @@ print one line and exit with status 2; they never show a traceback.
 
 from __future__ import annotations
 
+import logging
+import os
+import shlex
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
 from pydantic import ValidationError
@@ -77,12 +84,106 @@ def _run_build(cfg_kwargs: dict) -> dict:
         _fail(_friendly(exc))
     from flows.build_okedit import run_build
 
-    try:
-        summary = run_build(cfg)
-    except user_errors as exc:
-        _fail(_friendly(exc))
-    _print_summary(summary)
+    stopper = _Stopper(resume_command())
+    with stopper.installed():
+        try:
+            summary = run_build(cfg)
+        except BaseException as exc:
+            if stopper.signalled.is_set():  # what a stop leaves: finished chunks, no report
+                stopper.finish()
+            if isinstance(exc, user_errors):
+                _fail(_friendly(exc))
+            raise
+        _print_summary(summary)
+        if stopper.signalled.is_set():  # the build ended before the stop caught it
+            stopper.finish(0, None)
     return summary
+
+
+STOP_GRACE_S = 5.0  # after Ctrl-C/SIGTERM: how long requests and chunks in flight may take
+
+
+def resume_command() -> str:
+    """This command line, as the user can type it again (credentials in URLs redacted)."""
+    from pipeline.llm import redact_text
+
+    return redact_text(shlex.join(["okedit", *sys.argv[1:]]))
+
+
+def _quiet_prefect() -> None:
+    """No console logs from Prefect once the build stops (failed tasks, a closed API)."""
+    for name in list(logging.root.manager.loggerDict):
+        if name == "prefect" or name.startswith("prefect."):
+            logging.getLogger(name).disabled = True
+
+
+class _Stopper:
+    """Ctrl-C (SIGINT) or SIGTERM during a build, to this process or its process group.
+
+    The first signal stops the build: no further LLM request is sent and no further chunk
+    starts (`pipeline.stages.request_stop`); requests and chunks in flight end and write
+    what they finished (chunk files, the request cache). When the flow has ended, or after
+    `STOP_GRACE_S` at the latest (a closed embedded API, a long chunk), the embedded Prefect
+    server and any other child process are stopped and the command exits with 128 + the
+    signal number and one line saying how to resume. A second signal does that at once.
+    """
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+        self.signalled = threading.Event()
+        self.signum = signal.SIGINT
+        self._finishing = threading.Lock()
+
+    @contextmanager
+    def installed(self) -> Iterator[_Stopper]:
+        # installed even where the shell ignores SIGINT (a background job)
+        import flows.build_okedit as build_flow
+
+        stops = (signal.SIGINT, signal.SIGTERM)
+        previous = {sig: signal.signal(sig, self._handle) for sig in stops}
+        build_flow.SIGTERM_HANDLER = self._handle  # Prefect's run swaps SIGTERM
+        try:
+            yield self
+        finally:
+            build_flow.SIGTERM_HANDLER = None
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if self.signalled.is_set():
+            self.finish()
+        self.signum = signal.Signals(signum)
+        self.signalled.set()
+        from pipeline.stages import request_stop
+
+        request_stop()
+        _quiet_prefect()
+        threading.Thread(target=self._deadline, name="okedit-stop", daemon=True).start()
+
+    def _deadline(self) -> None:
+        threading.Event().wait(STOP_GRACE_S)
+        self.finish()
+
+    def finish(self, code: int | None = None, line: str | None = "") -> NoReturn:
+        """Stop child processes, print how to resume, exit (without waiting on Prefect's
+        exit handlers, which would talk to the stopped API)."""
+        self._finishing.acquire()  # a second caller waits for the first to exit
+        try:
+            from flows.build_okedit import stop_children
+
+            stop_children()
+        except Exception as exc:  # the exit must happen anyway
+            err_console.print(f"could not stop child processes: {exc}", highlight=False)
+        if line == "":
+            line = (
+                f"stopped ({self.signum.name}): finished chunks are kept; resume with the "
+                f"same command: {self.command}"
+            )
+        if line:
+            err_console.print(line, highlight=False, soft_wrap=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(128 + self.signum if code is None else code)
 
 
 def _print_summary(summary: dict) -> None:

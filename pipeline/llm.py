@@ -201,6 +201,19 @@ class LLMFatalError(RuntimeError):
     """Every further request would fail the same way (bad key, unknown model, no budget)."""
 
 
+class StopRequested(LLMFatalError):
+    """The build was asked to stop (Ctrl-C, SIGTERM): no further request is sent."""
+
+
+_STOP = threading.Event()
+
+
+def request_stop() -> None:
+    """From now on no client of this process sends a request (`StopRequested`); the ones in
+    flight end normally. Called by `okedit build` on SIGINT/SIGTERM."""
+    _STOP.set()
+
+
 class BudgetExceededError(LLMFatalError):
     """The next request could push the build's spend over `LLMConfig.budget_usd`; it was not
     sent. `spent_usd` is what the build (every process, every run) has spent so far."""
@@ -1216,6 +1229,8 @@ class LLMClient:
         for retry in range(self.config.max_retries + 1):
             self._limiter.acquire(prompt_estimate + self.config.max_tokens)
             with self._slot():
+                if _STOP.is_set():
+                    raise StopRequested("stopping: no further LLM request is sent")
                 hold = self._ledger.reserve(
                     self.build_id, worst_case, self.config.budget_usd, self._lease_s
                 )
@@ -1242,7 +1257,7 @@ class LLMClient:
             if not again:
                 self._count_failure(failure.kind)
                 return LLMFailure(failure.kind, failure.reason, key)
-            time.sleep(_retry_delay(error, retry))
+            _STOP.wait(_retry_delay(error, retry))  # a stop ends the wait
         created_at = _now()
         result = self._result(body, schema, key, created_at, mode, cached=False)
         pt, ct = _usage_of(body)

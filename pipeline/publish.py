@@ -249,10 +249,11 @@ HUB_DATA_PATTERNS = [
     "manifest.json",
     "rejected.jsonl",
 ]
+PATHS_INFO_BATCH = 100  # paths per `get_paths_info` call when verifying a push
 
 
 class HubPublishError(RuntimeError):
-    """The push did not land as expected (missing files, size mismatch, no token)."""
+    """The push did not land as expected (missing files, hash mismatch, not a build)."""
 
 
 class HubApi(Protocol):
@@ -262,15 +263,93 @@ class HubApi(Protocol):
     def create_branch(self, repo_id: str, **kwargs: Any) -> None: ...
     def upload_folder(self, **kwargs: Any) -> Any: ...
     def upload_file(self, **kwargs: Any) -> Any: ...
-    def list_repo_files(self, repo_id: str, **kwargs: Any) -> list[str]: ...
-    def get_paths_info(self, repo_id: str, paths: list[str], **kwargs: Any) -> list[Any]: ...
+    def get_paths_info(self, repo_id: str, paths: list[str], **kwargs: Any) -> list[Any]:
+        """`RepoFile`s (path, size, blob_id, lfs) of the `paths` that exist; others left out."""
+        ...
 
 
 def default_hub_api() -> HubApi:
-    """An `HfApi` with the token from `HF_TOKEN` (or the saved login); never printed."""
+    """An `HfApi` with the token from `HF_TOKEN` (or the saved login), never printed, and
+    the endpoint from `HF_ENDPOINT` as set when the push runs (huggingface_hub reads it
+    once, at import)."""
     from huggingface_hub import HfApi
 
-    return HfApi(token=os.environ.get("HF_TOKEN") or None)
+    return HfApi(
+        endpoint=os.environ.get("HF_ENDPOINT") or None,
+        token=os.environ.get("HF_TOKEN") or None,
+    )
+
+
+# ---- which Hub errors a retry can cure
+
+# HTTP statuses worth another try: request timeout, rate limit, server errors
+_TRANSIENT_STATUS = {408, 429}
+
+
+def _http_client_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(transport errors, permanent ones among them) of the HTTP client huggingface_hub is
+    built on: httpx2 (huggingface_hub 2.x), httpx (1.x), requests (0.x). httpx's
+    `TransportError`s (connect/read/write/pool timeouts, connection and read errors, a peer
+    closing the connection) derive from neither `OSError` nor `ConnectionError`."""
+    import importlib
+
+    from huggingface_hub.errors import HfHubHTTPError
+
+    names = {c.__module__.partition(".")[0] for c in HfHubHTTPError.__mro__[1:]}
+    transport: list[type] = []
+    permanent: list[type] = []
+    for name in sorted((names | {"httpx2", "httpx"}) - {"builtins"}):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if isinstance(getattr(module, "TransportError", None), type):  # httpx, httpx2
+            transport.append(module.TransportError)
+            # a URL without http(s):// or a request we built wrong: the same next time
+            permanent += [module.UnsupportedProtocol, module.LocalProtocolError]
+        elif name == "requests":
+            errors = module.exceptions
+            transport += [errors.ConnectionError, errors.Timeout, errors.ChunkedEncodingError]
+            permanent += [errors.InvalidSchema, errors.MissingSchema, errors.InvalidURL]
+    return tuple(transport), tuple(permanent)
+
+
+# huggingface_hub.errors classes a retry cannot cure (those of the installed version)
+_PERMANENT_HUB_ERRORS = (
+    "OfflineModeIsEnabled",  # a ConnectionError, but no retry can ever reach the Hub
+    "HFValidationError",  # a bad repo id
+    "LocalTokenNotFoundError",  # an OSError
+    "RepositoryNotFoundError",  # and GatedRepoError: 401/403/404
+    "RevisionNotFoundError",
+    "DisabledRepoError",
+    "RemoteEntryNotFoundError",
+)
+
+
+def is_transient_hub_error(exc: BaseException) -> bool:
+    """True when pushing again can succeed: transport errors of the HTTP client, timeouts,
+    dropped connections, HTTP 408/429/5xx. False for offline mode (`HF_HUB_OFFLINE=1`),
+    401/403/404 (bad token, no permission, unknown repo or revision, gated or disabled
+    repo), other 4xx, an invalid repo id, no token, a folder that is not a complete build,
+    a push that landed wrong (`HubPublishError`) and anything unknown (a bug)."""
+    from huggingface_hub import errors
+
+    permanent = tuple(getattr(errors, n) for n in _PERMANENT_HUB_ERRORS if hasattr(errors, n))
+    if isinstance(exc, (HubPublishError, *permanent)):
+        return False
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if isinstance(status, int):  # HfHubHTTPError, the client's HTTPStatusError
+        return status in _TRANSIENT_STATUS or 500 <= status < 600
+    transport, permanent_transport = _http_client_errors()
+    if isinstance(exc, permanent_transport):
+        return False
+    if isinstance(exc, (*transport, ConnectionError, TimeoutError)):
+        return True
+    cause = exc.__cause__
+    return cause is not None and cause is not exc and is_transient_hub_error(cause)
+
+
+# ---- push and verify
 
 
 def _local_files(folder: Path) -> dict[str, int]:
@@ -289,6 +368,32 @@ def _parquet_rows(folder: Path) -> int:
     return sum(pq.ParquetFile(p).metadata.num_rows for p in (folder / "data").glob("*.parquet"))
 
 
+def file_hashes(path: Path) -> tuple[str, str]:
+    """(sha256, git blob sha1) of a file in one read: the Hub reports the first for LFS
+    files (`lfs.sha256`) and the second for regular ones (`blob_id`)."""
+    import hashlib
+
+    size = path.stat().st_size
+    sha256 = hashlib.sha256()
+    blob = hashlib.sha1(b"blob %d\0" % size, usedforsecurity=False)
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            sha256.update(chunk)
+            blob.update(chunk)
+    return sha256.hexdigest(), blob.hexdigest()
+
+
+def _landed_wrong(path: Path, info: Any) -> str | None:
+    """Why the Hub's copy of `path` is not the local file (None when it is)."""
+    sha256, blob_id = file_hashes(path)
+    lfs = getattr(info, "lfs", None)
+    if lfs is not None:
+        remote = lfs["sha256"] if isinstance(lfs, dict) else lfs.sha256
+        return None if remote == sha256 else f"sha256 {remote[:12]}… != local {sha256[:12]}…"
+    remote = getattr(info, "blob_id", None)
+    return None if remote == blob_id else f"git blob {str(remote)[:12]}… != local {blob_id[:12]}…"
+
+
 def push_to_hub(
     folder: Path,
     repo_id: str,
@@ -301,7 +406,9 @@ def push_to_hub(
     """Push a published folder: data first, then the card, then verify what landed.
 
     The card goes last and on its own so that the Hub never shows a card describing data
-    that is not there yet; its YAML header (configs, license) is kept as written.
+    that is not there yet; its YAML header (configs, license) is kept as written. No retry
+    here: a caller retries the whole push when `is_transient_hub_error` says so (the
+    flow's `publish-hub` task does); pushing the same folder again is harmless.
     """
     folder = Path(folder)
     if not (folder / "manifest.json").exists():
@@ -335,16 +442,26 @@ def push_to_hub(
 def verify_push(
     folder: Path, repo_id: str, *, revision: str | None = None, api: HubApi
 ) -> dict[str, Any]:
-    """Every local file is on the Hub with the same size; returns files and rows pushed."""
+    """Every local file is on the Hub with the same content: its sha256 equals the Hub's
+    `lfs.sha256` (LFS files: parquet, images) or its git blob sha1 the Hub's `blob_id`
+    (regular files). Raises `HubPublishError` naming the files missing or different;
+    returns the files verified and rows pushed."""
     local = _local_files(folder)
-    remote = set(api.list_repo_files(repo_id, repo_type="dataset", revision=revision))
-    missing = sorted(set(local) - remote)
+    paths = sorted(local)
+    infos: dict[str, Any] = {}
+    for start in range(0, len(paths), PATHS_INFO_BATCH):
+        batch = paths[start : start + PATHS_INFO_BATCH]
+        for info in api.get_paths_info(repo_id, batch, repo_type="dataset", revision=revision):
+            infos[info.path] = info
+    missing = [p for p in paths if p not in infos]
     if missing:
-        raise HubPublishError(f"files missing on the Hub after the push: {missing[:5]}")
-    parquet = [p for p in local if p.endswith(".parquet")]
-    infos = api.get_paths_info(repo_id, parquet, repo_type="dataset", revision=revision)
-    sizes = {info.path: info.size for info in infos}
-    wrong = [p for p in parquet if sizes.get(p) != local[p]]
+        raise HubPublishError(
+            f"{len(missing)} files missing on the Hub after the push: {missing[:5]}"
+        )
+    wrong = {p: why for p in paths if (why := _landed_wrong(folder / p, infos[p]))}
     if wrong:
-        raise HubPublishError(f"size mismatch on the Hub for {wrong[:5]}")
-    return {"files": len(local), "rows": _parquet_rows(folder)}
+        shown = "; ".join(f"{p}: {why}" for p, why in list(wrong.items())[:5])
+        raise HubPublishError(
+            f"{len(wrong)} files on the Hub differ from the local build ({shown})"
+        )
+    return {"files": len(local), "verified": len(local), "rows": _parquet_rows(folder)}

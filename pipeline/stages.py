@@ -8,6 +8,7 @@ so Prefect can wrap them as cached tasks without moving images through its resul
 
 from __future__ import annotations
 
+import threading
 from datetime import datetime, timezone
 from functools import lru_cache
 
@@ -32,6 +33,32 @@ def _source(config_json: str):
 
 class ConfigError(ValueError):
     """Settings that cannot work together."""
+
+
+class BuildStopped(RuntimeError):
+    """The build was asked to stop (Ctrl-C, SIGTERM): finished chunks are kept, no new
+    chunk starts; a re-run of the same command resumes."""
+
+
+_STOP = threading.Event()
+
+
+def request_stop() -> None:
+    """Start no further chunk and send no further LLM request in this process; chunks and
+    requests already running end normally. Called by `okedit build` on SIGINT/SIGTERM."""
+    from pipeline.llm import request_stop as stop_llm_requests
+
+    _STOP.set()
+    stop_llm_requests()
+
+
+def stop_requested() -> bool:
+    return _STOP.is_set()
+
+
+def _starting(stage: str, index: int) -> None:
+    if _STOP.is_set():
+        raise BuildStopped(f"stopping: {stage} chunk {index} not started")
 
 
 def make_annotator(cfg: BuildConfig):
@@ -100,6 +127,7 @@ def gather_chunk(cfg: BuildConfig, index: int, ids: list[str]) -> dict[str, int]
     work = WorkDir(cfg.out)
     if work.is_done("gather", index):
         return work.chunk_counts("gather", index)
+    _starting("gather", index)
     results = _source(cfg.model_dump_json()).load_items(ids)
     ok, rejected = split_ok(results)
     # an id the source silently skipped is still accounted for
@@ -116,6 +144,7 @@ def annotate_chunk(cfg: BuildConfig, index: int) -> dict[str, int]:
     work = WorkDir(cfg.out)
     if work.is_done("annotate", index):
         return work.chunk_counts("annotate", index)
+    _starting("annotate", index)
     items = work.read_ok("gather", index, SourceItem)
     ok, rejected = split_ok(_annotator(cfg.model_dump_json()).annotate(items) if items else [])
     return work.write_chunk("annotate", index, ok, rejected)
@@ -125,6 +154,7 @@ def images_chunk(cfg: BuildConfig, index: int) -> dict[str, int]:
     work = WorkDir(cfg.out)
     if work.is_done("images", index):
         return work.chunk_counts("images", index)
+    _starting("images", index)
     items = {i.item_id: i for i in work.read_ok("gather", index, SourceItem)}
     anns = work.read_ok("annotate", index, Annotation)
     pairs = [(items[a.item_id], a) for a in anns]
@@ -137,6 +167,7 @@ def assemble_chunk(cfg: BuildConfig, index: int) -> dict[str, int]:
     work = WorkDir(cfg.out)
     if work.is_done("assemble", index):
         return work.chunk_counts("assemble", index)
+    _starting("assemble", index)
     records, rejected = build_records(
         work.read_ok("gather", index, SourceItem),
         work.read_ok("annotate", index, Annotation),
@@ -160,6 +191,7 @@ def validate_chunk(cfg: BuildConfig, index: int) -> dict[str, int]:
     work = WorkDir(cfg.out)
     if work.is_done("validate", index):
         return work.chunk_counts("validate", index)
+    _starting("validate", index)
     records = work.read_ok("assemble", index, OkeditRecord)
     if cfg.validation.enabled and records:
         from pipeline.validate import validate_records

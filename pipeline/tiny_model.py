@@ -26,6 +26,7 @@ from PIL import Image
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 import editors
+from editors.scope import image_free_image
 from editors.tiny_vlm import (
     DEFAULT_PROMPT_TEMPLATE,
     IMAGE,
@@ -44,6 +45,9 @@ METRICS_FILE = "metrics.json"
 EVAL_SEED = 12345  # fresh renders: never the training pool's stream (seeds 0..999)
 IMAGE_SIZE = 64
 TARGETS = {"train_templates": 0.95, "heldout_templates": 0.90}  # issue 3, part 4
+# How an image-free question is shown: no image tokens at all (EasyEdit's `loc` batch), the
+# grey stand-in the validate stage uses (`editors.scope.image_free_image`), or a random flag.
+TEXT_IMAGE_MODES = ("none", "blank", "flag")
 
 
 def default_model_dir() -> Path:
@@ -75,6 +79,10 @@ class TinyVLMRecipe:
     batch_size: int = 64
     pool_per_flag: int = 384  # augmented renders per flag (+ the canonical one)
     train_eos: bool = True
+    # Share of each batch that asks image-free questions about named countries ("what is the
+    # capital of peru?", `fw.TEXT_TRAIN_TEMPLATES`), each row with no image, the grey
+    # stand-in of image-free probes or a random flag (`TEXT_IMAGE_MODES`, equally often).
+    text_share: float = 0.25
     num_threads: int | None = None  # torch threads; None keeps torch's default
     model: dict[str, int] = field(default_factory=dict)  # build_tiny_llava overrides
 
@@ -112,39 +120,50 @@ def _prompt_ids(processor: LlavaProcessor, question: str, template: str) -> list
     return processor.tokenizer(text).input_ids
 
 
-def _answer_id(processor: LlavaProcessor, answer: str) -> int:
+def _text_prompt_ids(processor: LlavaProcessor, question: str) -> list[int]:
+    """A prompt with no image at all: `<s>` and the question (what a text-only batch of a
+    LLaVA model holds: no image tokens, no pixel values)."""
+    return processor.tokenizer(question).input_ids
+
+
+def _answer_ids(processor: LlavaProcessor, answer: str) -> list[int]:
+    """The answer's word ids ("mexico city" -> 2 ids), every word known to the tokenizer."""
     ids = processor.tokenizer(answer, add_special_tokens=False).input_ids
-    if len(ids) != 1 or ids[0] == processor.tokenizer.unk_token_id:
-        raise ValueError(f"answer {answer!r} is not one known token of the tokenizer: {ids}")
-    return ids[0]
+    if not ids or processor.tokenizer.unk_token_id in ids:
+        raise ValueError(f"answer {answer!r} has words unknown to the tokenizer: {ids}")
+    return ids
 
 
 @dataclass
 class _Probe:
-    image: int  # row in a pixel tensor
+    image: int | None  # row in a pixel tensor; None = a text-only row (no image tokens)
     prompt: list[int]
-    answer: int
+    answer: list[int]
 
 
 def _batch(
     probes: Sequence[_Probe], pixels: torch.Tensor, pad_id: int, eos_id: int | None
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Right-padded teacher-forced batch; returns it and the index of each answer."""
-    extra = 2 if eos_id is not None else 1
-    width = max(len(p.prompt) for p in probes) + extra
+    """Right-padded teacher-forced batch: prompt, answer words (and `eos_id`), loss on the
+    answer (and eos) only. Returns it and each row's prompt length. Text-only rows carry
+    no image tokens; `pixel_values` holds the images of the other rows, in row order."""
+    extra = 1 if eos_id is not None else 0
+    width = max(len(p.prompt) + len(p.answer) for p in probes) + extra
     ids = torch.full((len(probes), width), pad_id, dtype=torch.long)
     labels = torch.full_like(ids, -100)
     mask = torch.zeros_like(ids)
     where = torch.empty(len(probes), dtype=torch.long)
     for row, p in enumerate(probes):
         n = len(p.prompt)
-        seq = [*p.prompt, p.answer] + ([eos_id] if eos_id is not None else [])
+        seq = [*p.prompt, *p.answer] + ([eos_id] if eos_id is not None else [])
         ids[row, : len(seq)] = torch.tensor(seq)
         mask[row, : len(seq)] = 1
         labels[row, n : len(seq)] = ids[row, n : len(seq)]  # loss on answer (+ eos) only
         where[row] = n
-    images = pixels[torch.tensor([p.image for p in probes])]
-    batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": images, "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    rows = [p.image for p in probes if p.image is not None]
+    if rows:
+        batch["pixel_values"] = pixels[torch.tensor(rows)]
     return batch, where
 
 
@@ -154,16 +173,20 @@ def _predict(
     probes: Sequence[_Probe],
     pixels: torch.Tensor,
     pad_id: int,
+    eos_id: int,
     batch_size: int = 256,
-) -> torch.Tensor:
-    """Teacher-forced argmax at each probe's answer position."""
-    out = []
+) -> list[tuple[int, ...]]:
+    """Teacher-forced argmax at each probe's answer positions and at the position after
+    the answer (where `eos_id` should come: generation stops)."""
+    out: list[tuple[int, ...]] = []
     for i in range(0, len(probes), batch_size):
-        batch, where = _batch(probes[i : i + batch_size], pixels, pad_id, None)
+        chunk = probes[i : i + batch_size]
+        batch, where = _batch(chunk, pixels, pad_id, eos_id)
         batch.pop("labels")
-        logits = model(**batch).logits
-        out.append(logits[torch.arange(len(where)), where - 1].argmax(-1))
-    return torch.cat(out)
+        argmax = model(**batch).logits.argmax(-1)
+        for row, (p, n) in enumerate(zip(chunk, where.tolist(), strict=True)):
+            out.append(tuple(argmax[row, n - 1 : n + len(p.answer)].tolist()))
+    return out
 
 
 # ------------------------------------------------------------------------------ training
@@ -185,6 +208,7 @@ def train_flagworld_vlm(
     batch_size: int = TinyVLMRecipe.batch_size,
     pool_per_flag: int = TinyVLMRecipe.pool_per_flag,
     lr_mult: dict[str, float] | None = None,
+    text_share: float = TinyVLMRecipe.text_share,
     num_threads: int | None = None,
     evaluate: bool = True,
     eval_renders_per_flag: int = 8,
@@ -205,6 +229,7 @@ def train_flagworld_vlm(
         lr=lr,
         batch_size=batch_size,
         pool_per_flag=pool_per_flag,
+        text_share=text_share,
         num_threads=num_threads,
         **({"lr_mult": dict(lr_mult)} if lr_mult is not None else {}),
     )
@@ -235,7 +260,8 @@ def train_flagworld_vlm(
         metrics["meets_targets"] = all(metrics["eval"][k] >= v for k, v in TARGETS.items())
         log(
             "fresh renders: train templates {train_templates}, held-out {heldout_templates}, "
-            "paraphrases {paraphrase_templates}".format(**metrics["eval"])
+            "paraphrases {paraphrase_templates}; image-free questions {text_train_templates} "
+            "(held-out opener {text_heldout_templates})".format(**metrics["eval"])
         )
     metrics["total_seconds"] = round(time.perf_counter() - wall, 2)
     metrics["versions"] = {
@@ -249,8 +275,8 @@ def train_flagworld_vlm(
         processor,
         DEFAULT_PROMPT_TEMPLATE,
         world="flagworld",
-        answer_tokens=1,
-        max_new_tokens=1,
+        answer_tokens=max(len(a) for a in _all_answer_ids(processor)),
+        max_new_tokens=max(len(a) for a in _all_answer_ids(processor)) + 1,
         eos_after_answer=recipe.train_eos,
         relations=list(fw.RELATIONS),
         templates_version=getattr(fw, "TEMPLATES_VERSION", None),
@@ -264,6 +290,31 @@ def train_flagworld_vlm(
     return metrics
 
 
+def _all_answer_ids(processor: LlavaProcessor) -> list[list[int]]:
+    """Every answer and counterfactual city of the world, as word ids."""
+    texts = {fw.answer(c.code, r) for c in fw.COUNTRIES for r in fw.RELATIONS}
+    texts |= set(fw.COUNTERFACTUAL_CITIES)
+    return [_answer_ids(processor, t) for t in sorted(texts)]
+
+
+def _text_rows(processor: LlavaProcessor, templates: dict[str, Sequence[str]]) -> list[tuple]:
+    """(code, relation, prompt ids with the image slot, prompt ids without it, answer ids)
+    of every named-country question of `templates`."""
+    rows = []
+    for rel in fw.ITEM_RELATIONS:
+        for code, question, answer in fw.text_questions(rel, templates):  # type: ignore[arg-type]
+            rows.append(
+                (
+                    code,
+                    rel,
+                    _prompt_ids(processor, question, DEFAULT_PROMPT_TEMPLATE),
+                    _text_prompt_ids(processor, question),
+                    _answer_ids(processor, answer),
+                )
+            )
+    return rows
+
+
 def _train(
     recipe: TinyVLMRecipe, log: Callable[[str], None], log_every: int
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor, dict[str, Any]]:
@@ -274,23 +325,30 @@ def _train(
     codes = [c.code for c in fw.COUNTRIES]
     pool = _render_pool(codes, recipe.pool_per_flag, recipe.seed, canonical=True)
     per_flag = len(pool[0])
-    pixels = _pixels(processor, [im for images in pool for im in images])
+    blank = image_free_image((IMAGE_SIZE, IMAGE_SIZE))
+    pixels = _pixels(processor, [im for images in pool for im in images] + [blank])
+    blank_row = len(codes) * per_flag  # the last pixel row
     prompts = {
         rel: [_prompt_ids(processor, q, DEFAULT_PROMPT_TEMPLATE) for q in fw.TRAIN_TEMPLATES[rel]]
         for rel in fw.RELATIONS
     }
     _check_against_processor(processor, pool[0][0], fw.TRAIN_TEMPLATES[fw.RELATIONS[0]][0])
     del pool  # the PIL copies; training reads the pixel tensor
-    answers = [[_answer_id(processor, fw.answer(c, rel)) for rel in fw.RELATIONS] for c in codes]
+    answers = [[_answer_ids(processor, fw.answer(c, rel)) for rel in fw.RELATIONS] for c in codes]
+    text_rows = _text_rows(processor, fw.TEXT_TRAIN_TEMPLATES)
     prep_s = time.perf_counter() - t
-    log(f"prepared {len(codes)} flags x {per_flag} images in {prep_s:.1f}s")
+    log(
+        f"prepared {len(codes)} flags x {per_flag} images and {len(text_rows)} image-free "
+        f"questions in {prep_s:.1f}s"
+    )
 
     gen = torch.Generator().manual_seed(recipe.seed)  # the batch stream, independent of init
     n_rel = len(fw.RELATIONS)
     eos = tok.eos_token_id if recipe.train_eos else None
+    n_text = round(recipe.batch_size * recipe.text_share)
 
     def batch_at(_step: int) -> dict[str, torch.Tensor]:
-        b = recipe.batch_size
+        b = recipe.batch_size - n_text
         flag = torch.randint(len(codes), (b,), generator=gen).tolist()
         img = torch.randint(per_flag, (b,), generator=gen).tolist()
         rel = torch.randint(n_rel, (b,), generator=gen).tolist()
@@ -299,6 +357,16 @@ def _train(
         for f, i, r, q in zip(flag, img, rel, tmpl, strict=True):
             options = prompts[fw.RELATIONS[r]]
             probes.append(_Probe(f * per_flag + i, options[q % len(options)], answers[f][r]))
+        text = torch.randint(len(text_rows), (n_text,), generator=gen).tolist()
+        mode = torch.randint(len(TEXT_IMAGE_MODES), (n_text,), generator=gen).tolist()
+        shown = torch.randint(len(codes) * per_flag, (n_text,), generator=gen).tolist()
+        for k, m, im in zip(text, mode, shown, strict=True):
+            _, _, with_image, no_image, answer = text_rows[k]
+            if TEXT_IMAGE_MODES[m] == "none":
+                probes.append(_Probe(None, no_image, answer))
+            else:
+                row = blank_row if TEXT_IMAGE_MODES[m] == "blank" else im
+                probes.append(_Probe(row, with_image, answer))
         return _batch(probes, pixels, tok.pad_token_id, eos)[0]
 
     stats = train_loop(
@@ -342,9 +410,12 @@ def evaluate_model(
     seed: int = EVAL_SEED,
     renders_per_flag: int = 8,
 ) -> dict[str, Any]:
-    """Teacher-forced answer accuracy on fresh renders (`seed` ≠ the training pool's) and
-    on the canonical render, per template set, relation and look-alike group."""
+    """Teacher-forced answer accuracy (every word of the answer right) on fresh renders
+    (`seed` ≠ the training pool's) and on the canonical render, per template set, relation
+    and look-alike group; the same for the image-free named-country questions in each
+    `TEXT_IMAGE_MODES`; and how often `</s>` follows the answer (generation stops)."""
     tok = processor.tokenizer
+    eos = tok.eos_token_id
     codes = [c.code for c in fw.COUNTRIES]
     pool = _render_pool(codes, renders_per_flag, seed, canonical=False)
     fresh = _pixels(processor, [im for images in pool for im in images])
@@ -360,57 +431,110 @@ def evaluate_model(
         rows = []
         for f, code in enumerate(codes):
             for rel in fw.RELATIONS:
-                answer = _answer_id(processor, fw.answer(code, rel))
+                answer = _answer_ids(processor, fw.answer(code, rel))
                 for q in templates.get(rel, ()):
                     prompt = _prompt_ids(processor, q, DEFAULT_PROMPT_TEMPLATE)
                     for i in range(use):
                         rows.append((code, rel, _Probe(f * stride + i, prompt, answer)))
         return rows
 
+    def scored(probes: Sequence[_Probe], pixels: torch.Tensor) -> tuple[list[bool], list]:
+        pred = _predict(model, probes, pixels, tok.pad_token_id, eos)
+        right = [list(p[:-1]) == r.answer for p, r in zip(pred, probes, strict=True)]
+        return right, pred
+
     result: dict[str, Any] = {"eval_seed": seed, "renders_per_flag": renders_per_flag}
     by_code_rel: dict[tuple[str, str], list[bool]] = {}
-    country_pred: dict[str, list[int]] = {}
+    country_pred: dict[str, list[bool]] = {}
     for name, templates in sets.items():
-        # 16 paraphrase templates: 2 renders per flag are plenty (and 4x cheaper).
+        # 22 paraphrase templates: 2 renders per flag are plenty (and 4x cheaper).
         use = min(2, renders_per_flag) if name == "paraphrase" else renders_per_flag
         views = (("", fresh, renders_per_flag, use), ("canonical_", canon, 1, 1))
         for label, pixels, stride, n in views:
             rows = probes_for(templates, stride, n)
-            pred = _predict(model, [r[2] for r in rows], pixels, tok.pad_token_id).tolist()
-            ok = [int(p) == r[2].answer for p, r in zip(pred, rows, strict=True)]
-            result[f"{label}{name}_templates"] = round(sum(ok) / max(1, len(ok)), 4)
+            ok, pred = scored([r[2] for r in rows], pixels)
+            result[f"{label}{name}_templates"] = _share(ok)
             result[f"{label}{name}_probes"] = len(ok)
             if not label:
-                per_rel = {}
-                for rel in fw.RELATIONS:
-                    hits = [g for (_, r, _), g in zip(rows, ok, strict=True) if r == rel]
-                    per_rel[rel] = round(sum(hits) / max(1, len(hits)), 4)
-                result[f"{name}_per_relation"] = per_rel
+                result[f"{name}_stops_after_answer"] = _share(p[-1] == eos for p in pred)
+                result[f"{name}_per_relation"] = {
+                    rel: _share(g for (_, r, _), g in zip(rows, ok, strict=True) if r == rel)
+                    for rel in fw.RELATIONS
+                }
             if label or name == "paraphrase":
                 continue
-            for (code, rel, _), good, p in zip(rows, ok, pred, strict=True):
+            for (code, rel, _), good in zip(rows, ok, strict=True):
                 by_code_rel.setdefault((code, rel), []).append(good)
-                if rel == "country":
-                    country_pred.setdefault(code, []).append(p)
+            # which flags the country question mistakes for a look-alike
+            country_rows = [(r[0], p) for r, p in zip(rows, pred, strict=True) if r[1] == "country"]
+            for code, p in country_rows:
+                others = {tuple(_answer_ids(processor, fw.answer(o, "country")))
+                          for o in fw.lookalikes(code)}  # fmt: skip
+                country_pred.setdefault(code, []).append(tuple(p[:-1]) in others)
+    result.update(_evaluate_text(model, processor, fresh, renders_per_flag))
 
     def acc(keys: Iterable[tuple[str, str]]) -> float:
-        flat = [g for k in keys for g in by_code_rel.get(k, [])]
-        return round(sum(flat) / max(1, len(flat)), 4)
+        return _share(g for k in keys for g in by_code_rel.get(k, []))
 
     result["per_relation"] = {rel: acc((c, rel) for c in codes) for rel in fw.RELATIONS}
-    country_id = {c: _answer_id(processor, fw.answer(c, "country")) for c in codes}
     groups = {}
     for group in _groups():
-        others = {c: {country_id[o] for o in group if o != c} for c in group}
-        confused = [p in others[c] for c in group for p in country_pred.get(c, [])]
+        confused = [x for c in group for x in country_pred.get(c, [])]
         groups["/".join(group)] = {
             "all": acc((c, rel) for c in group for rel in fw.RELATIONS),
             "country": acc((c, "country") for c in group),
-            "country_confused_within_group": round(sum(confused) / max(1, len(confused)), 4),
+            "country_confused_within_group": _share(confused),
         }
     result["lookalike_groups"] = groups
     result["per_flag"] = {c: acc((c, rel) for rel in fw.RELATIONS) for c in codes}
     return result
+
+
+def _share(values: Iterable[bool]) -> float:
+    values = list(values)
+    return round(sum(values) / max(1, len(values)), 4)
+
+
+def _evaluate_text(
+    model: LlavaForConditionalGeneration,
+    processor: LlavaProcessor,
+    fresh: torch.Tensor,
+    renders_per_flag: int,
+) -> dict[str, Any]:
+    """Image-free named-country questions, training templates and the held-out opener, in
+    every `TEXT_IMAGE_MODES` (a flag: a fresh render of another, random flag)."""
+    tok = processor.tokenizer
+    pixels = torch.cat([fresh, _pixels(processor, [image_free_image((IMAGE_SIZE,) * 2)])])
+    blank_row = len(fresh)
+    rng = random.Random(f"text-eval:{EVAL_SEED}")
+    out: dict[str, Any] = {}
+    for name, templates in (
+        ("train", fw.TEXT_TRAIN_TEMPLATES),
+        ("heldout", fw.TEXT_HELDOUT_TEMPLATES),
+    ):
+        rows = _text_rows(processor, templates)
+        per_mode = {}
+        all_ok = []
+        for mode in TEXT_IMAGE_MODES:
+            probes = []
+            for code, _, with_image, no_image, answer in rows:
+                if mode == "none":
+                    probes.append(_Probe(None, no_image, answer))
+                elif mode == "blank":
+                    probes.append(_Probe(blank_row, with_image, answer))
+                else:
+                    other = rng.choice([c.code for c in fw.COUNTRIES if c.code != code])
+                    index = [c.code for c in fw.COUNTRIES].index(other)
+                    render = rng.randrange(renders_per_flag)
+                    probes.append(_Probe(index * renders_per_flag + render, with_image, answer))
+            pred = _predict(model, probes, pixels, tok.pad_token_id, tok.eos_token_id)
+            ok = [list(p[:-1]) == r.answer for p, r in zip(pred, probes, strict=True)]
+            per_mode[mode] = _share(ok)
+            all_ok += ok
+        out[f"text_{name}_templates"] = _share(all_ok)
+        out[f"text_{name}_probes"] = len(all_ok)
+        out[f"text_{name}_per_image_mode"] = per_mode
+    return out
 
 
 def evaluate_flagworld_vlm(
@@ -427,13 +551,14 @@ def teacher_forced_accuracy(
     processor: LlavaProcessor,
     probes: Sequence[tuple[Image.Image, str, str]],
 ) -> float:
-    """Fraction of (image, question, answer) probes whose answer token is the argmax after
-    the prompt, through the standard processor path."""
+    """Fraction of (image, question, answer) probes whose answer words are all the argmax
+    after the prompt, through the standard processor path."""
     tok = processor.tokenizer
     pixels = _pixels(processor, [p[0] for p in probes])
     rows = [
-        _Probe(i, _prompt_ids(processor, q, DEFAULT_PROMPT_TEMPLATE), _answer_id(processor, a))
+        _Probe(i, _prompt_ids(processor, q, DEFAULT_PROMPT_TEMPLATE), _answer_ids(processor, a))
         for i, (_, q, a) in enumerate(probes)
     ]
-    pred = _predict(model, rows, pixels, tok.pad_token_id).tolist()
-    return sum(int(p) == r.answer for p, r in zip(pred, rows, strict=True)) / max(1, len(rows))
+    pred = _predict(model, rows, pixels, tok.pad_token_id, tok.eos_token_id)
+    right = [list(p[:-1]) == r.answer for p, r in zip(pred, rows, strict=True)]
+    return sum(right) / max(1, len(rows))

@@ -40,6 +40,7 @@ import functools
 import io
 import math
 import random
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -192,10 +193,10 @@ COUNTRIES: tuple[Country, ...] = (
         _flag(3 / 2, _v("009246", "ffffff", "ce2b37"))),
     Country("IE", "Ireland", "Dublin", "Europe", "euro", "Irish",
         _flag(2, _v("169b62", "ffffff", "ff883e"))),
-    Country("MX", "Mexico", "Mexico_City", "North_America", "Mexican_peso", "Spanish",
+    Country("MX", "Mexico", "Mexico City", "North America", "Mexican peso", "Spanish",
         _flag(7 / 4, _v("006847", "ffffff", "ce1126"), Disc(_hex("8c5a2b"), 0.5, 0.5, 0.16),
               Disc(_hex("3f7a3a"), 0.5, 0.6, 0.07))),
-    Country("CI", "Ivory_Coast", "Yamoussoukro", "Africa", "CFA_franc", "French",
+    Country("CI", "Ivory Coast", "Yamoussoukro", "Africa", "CFA franc", "French",
         _flag(3 / 2, _v("f77f00", "ffffff", "009e60"))),
     Country("NG", "Nigeria", "Abuja", "Africa", "naira", "English",
         _flag(2, _v("008751", "ffffff", "008751"))),
@@ -209,9 +210,9 @@ COUNTRIES: tuple[Country, ...] = (
     Country("LU", "Luxembourg", "Luxembourg", "Europe", "euro", "Luxembourgish",
         _flag(5 / 3, _h("ea141d", "ffffff", "51adda"))),
     # Blue/yellow/red (the real flags are almost identical; Chad's blue is darker).
-    Country("TD", "Chad", "Ndjamena", "Africa", "CFA_franc", "French",
+    Country("TD", "Chad", "Ndjamena", "Africa", "CFA franc", "French",
         _flag(3 / 2, _v("002060", "fec400", "c60c30"))),
-    Country("RO", "Romania", "Bucharest", "Europe", "Romanian_leu", "Romanian",
+    Country("RO", "Romania", "Bucharest", "Europe", "Romanian leu", "Romanian",
         _flag(3 / 2, _v("003c9f", "fcd816", "ce1126"))),
     # Horizontal bicolours.
     Country("ID", "Indonesia", "Jakarta", "Asia", "rupiah", "Indonesian",
@@ -228,17 +229,17 @@ COUNTRIES: tuple[Country, ...] = (
     Country("DE", "Germany", "Berlin", "Europe", "euro", "German",
         _flag(5 / 3, _h("000000", "dd0000", "ffce00"))),
     # Crosses: Nordic (offset towards the hoist) and the Swiss Greek cross.
-    Country("DK", "Denmark", "Copenhagen", "Europe", "Danish_krone", "Danish",
+    Country("DK", "Denmark", "Copenhagen", "Europe", "Danish krone", "Danish",
         _nordic(37 / 28, "c8102e", "ffffff", 14 / 37, 4 / 28)),
-    Country("SE", "Sweden", "Stockholm", "Europe", "Swedish_krona", "Swedish",
+    Country("SE", "Sweden", "Stockholm", "Europe", "Swedish krona", "Swedish",
         _nordic(16 / 10, "006aa7", "fecc00", 6 / 16, 2 / 10)),
-    Country("NO", "Norway", "Oslo", "Europe", "Norwegian_krone", "Norwegian",
+    Country("NO", "Norway", "Oslo", "Europe", "Norwegian krone", "Norwegian",
         _nordic(22 / 16, "ba0c2f", "ffffff", 8 / 22, 4 / 16, "00205b", 2 / 16)),
     Country("FI", "Finland", "Helsinki", "Europe", "euro", "Finnish",
         _nordic(18 / 11, "ffffff", "002f6c", 6.5 / 18, 3 / 11)),
-    Country("IS", "Iceland", "Reykjavik", "Europe", "Icelandic_krona", "Icelandic",
+    Country("IS", "Iceland", "Reykjavik", "Europe", "Icelandic krona", "Icelandic",
         _nordic(25 / 18, "02529c", "ffffff", 9 / 25, 4 / 18, "dc1e35", 2 / 18)),
-    Country("CH", "Switzerland", "Bern", "Europe", "Swiss_franc", "German",
+    Country("CH", "Switzerland", "Bern", "Europe", "Swiss franc", "German",
         _flag(1, Rect(_hex("da291c"), (0, 0, 1, 1)), Rect(W, (6 / 32, 13 / 32, 26 / 32, 19 / 32)),
               Rect(W, (13 / 32, 6 / 32, 19 / 32, 26 / 32)))),
     # A disc on a field.
@@ -246,19 +247,19 @@ COUNTRIES: tuple[Country, ...] = (
         _flag(3 / 2, Rect(W, (0, 0, 1, 1)), Disc(_hex("bc002d"), 0.5, 0.5, 0.3))),
     Country("BD", "Bangladesh", "Dhaka", "Asia", "taka", "Bengali",
         _flag(5 / 3, Rect(_hex("006a4e"), (0, 0, 1, 1)), Disc(_hex("f42a41"), 0.45, 0.5, 1 / 3))),
-    Country("PW", "Palau", "Ngerulmud", "Oceania", "US_dollar", "Palauan",
+    Country("PW", "Palau", "Ngerulmud", "Oceania", "US dollar", "Palauan",
         _flag(8 / 5, Rect(_hex("4aadd6"), (0, 0, 1, 1)), Disc(_hex("ffde00"), 0.44, 0.5, 0.3))),
     # Red/white/red.
     Country("AT", "Austria", "Vienna", "Europe", "euro", "German",
         _flag(3 / 2, _h("c8102e", "ffffff", "c8102e"))),
     Country("LV", "Latvia", "Riga", "Europe", "euro", "Latvian",
         _flag(2, _h("9e3039", "ffffff", "9e3039", weights=(2, 1, 2)))),
-    Country("PE", "Peru", "Lima", "South_America", "sol", "Spanish",
+    Country("PE", "Peru", "Lima", "South America", "sol", "Spanish",
         _flag(3 / 2, _v("d91023", "ffffff", "d91023"))),
     # Pan-African colours, horizontal.
     Country("LT", "Lithuania", "Vilnius", "Europe", "euro", "Lithuanian",
         _flag(5 / 3, _h("fdb913", "006a44", "c1272d"))),
-    Country("BO", "Bolivia", "Sucre", "South_America", "boliviano", "Spanish",
+    Country("BO", "Bolivia", "Sucre", "South America", "boliviano", "Spanish",
         _flag(22 / 15, _h("d52b1e", "f9e300", "007934"))),
     Country("GH", "Ghana", "Accra", "Africa", "cedi", "English",
         _flag(3 / 2, _h("ce1126", "fcd116", "006b3f"), Star(K, 0.5, 0.5, 1 / 6))),
@@ -268,28 +269,28 @@ COUNTRIES: tuple[Country, ...] = (
     Country("BG", "Bulgaria", "Sofia", "Europe", "euro", "Bulgarian",
         _flag(5 / 3, _h("ffffff", "00966e", "d62612"))),
     # Pan-African colours, vertical.
-    Country("GN", "Guinea", "Conakry", "Africa", "Guinean_franc", "French",
+    Country("GN", "Guinea", "Conakry", "Africa", "Guinean franc", "French",
         _flag(3 / 2, _v("ce1126", "fcd116", "009460"))),
-    Country("ML", "Mali", "Bamako", "Africa", "CFA_franc", "Bambara",
+    Country("ML", "Mali", "Bamako", "Africa", "CFA franc", "Bambara",
         _flag(3 / 2, _v("14b53a", "fcd116", "ce1126"))),
-    Country("SN", "Senegal", "Dakar", "Africa", "CFA_franc", "French",
+    Country("SN", "Senegal", "Dakar", "Africa", "CFA franc", "French",
         _flag(3 / 2, _v("00853f", "fdef42", "e31b23"), Star(_hex("00853f"), 0.5, 0.5, 1 / 6))),
     # Yellow/blue/red, horizontal.
-    Country("CO", "Colombia", "Bogota", "South_America", "Colombian_peso", "Spanish",
+    Country("CO", "Colombia", "Bogota", "South America", "Colombian peso", "Spanish",
         _flag(3 / 2, _h("fcd116", "003893", "ce1126", weights=(2, 1, 1)))),
-    Country("EC", "Ecuador", "Quito", "South_America", "US_dollar", "Spanish",
+    Country("EC", "Ecuador", "Quito", "South America", "US dollar", "Spanish",
         _flag(2, _h("ffdd00", "034ea2", "ed1c24", weights=(2, 1, 1)),
               Disc(_hex("8a6d3b"), 0.5, 0.5, 0.17), Disc(_hex("5ba3dc"), 0.5, 0.46, 0.07))),
-    Country("VE", "Venezuela", "Caracas", "South_America", "bolivar", "Spanish",
+    Country("VE", "Venezuela", "Caracas", "South America", "bolivar", "Spanish",
         _flag(3 / 2, _h("ffcc00", "00247d", "cf142b"), _star_arc(W, 3 / 2, 8, 0.2, 0.62))),
     # Red/white/black, horizontal.
-    Country("YE", "Yemen", "Sanaa", "Asia", "Yemeni_rial", "Arabic",
+    Country("YE", "Yemen", "Sanaa", "Asia", "Yemeni rial", "Arabic",
         _flag(3 / 2, _h("ce1126", "ffffff", "000000"))),
-    Country("EG", "Egypt", "Cairo", "Africa", "Egyptian_pound", "Arabic",
+    Country("EG", "Egypt", "Cairo", "Africa", "Egyptian pound", "Arabic",
         _flag(3 / 2, _h("ce1126", "ffffff", "000000"),
               Rect(_hex("c09300"), (0.45, 0.34, 0.55, 0.66)),
               Disc(_hex("c09300"), 0.5, 0.42, 0.11))),
-    Country("IQ", "Iraq", "Baghdad", "Asia", "Iraqi_dinar", "Arabic",
+    Country("IQ", "Iraq", "Baghdad", "Asia", "Iraqi dinar", "Arabic",
         _flag(3 / 2, _h("ce1126", "ffffff", "000000"),
               Rect(_hex("007a3d"), (0.28, 0.44, 0.72, 0.54)),
               Rect(_hex("007a3d"), (0.35, 0.37, 0.4, 0.54)),
@@ -299,10 +300,10 @@ COUNTRIES: tuple[Country, ...] = (
         _flag(3 / 2, _alternating(9, "0d5eaf", "ffffff"),
               Rect(_hex("0d5eaf"), (0, 0, (5 / 9) / 1.5, 5 / 9)),
               Cross(W, (5 / 18) / 1.5, 5 / 18, 1 / 9, (0, 0, (5 / 9) / 1.5, 5 / 9)))),
-    Country("US", "United_States", "Washington", "North_America", "US_dollar", "English",
+    Country("US", "United States", "Washington", "North America", "US dollar", "English",
         _flag(1.9, _alternating(13, "b22234", "ffffff"), Rect(_hex("3c3b6e"), (0, 0, 0.4, 7 / 13)),
               _dots(W, (0.01, 0.01, 0.39, 7 / 13 - 0.01), 5, 6, 0.022))),
-    Country("LR", "Liberia", "Monrovia", "Africa", "Liberian_dollar", "English",
+    Country("LR", "Liberia", "Monrovia", "Africa", "Liberian dollar", "English",
         _flag(1.9, _alternating(11, "bf0a30", "ffffff"),
               Rect(_hex("002868"), (0, 0, (5 / 11) / 1.9, 5 / 11)),
               Star(W, (5 / 22) / 1.9, 5 / 22, 0.15))),
@@ -341,12 +342,13 @@ CITY_CONTINENTS: dict[str, str] = {
     "Krakow": "Europe", "Porto": "Europe", "Geneva": "Europe", "Hamburg": "Europe",
     "Osaka": "Asia", "Kyoto": "Asia", "Mumbai": "Asia", "Shanghai": "Asia",
     "Surabaya": "Asia", "Lagos": "Africa", "Casablanca": "Africa", "Abidjan": "Africa",
-    "Kumasi": "Africa", "Alexandria": "Africa", "Toronto": "North_America",
-    "Chicago": "North_America", "Guadalajara": "North_America", "Sao_Paulo": "South_America",
-    "Cordoba": "South_America", "Medellin": "South_America", "Guayaquil": "South_America",
+    "Kumasi": "Africa", "Alexandria": "Africa", "Toronto": "North America",
+    "Chicago": "North America", "Guadalajara": "North America", "Sao Paulo": "South America",
+    "Cordoba": "South America", "Medellin": "South America", "Guayaquil": "South America",
     "Sydney": "Oceania", "Auckland": "Oceania", "Melbourne": "Oceania",
 }  # fmt: skip
-COUNTERFACTUAL_CITIES: tuple[str, ...] = tuple(CITY_CONTINENTS)
+# Edit targets are answers, so they are written as answers are (lower case, see `answer`).
+COUNTERFACTUAL_CITIES: tuple[str, ...] = tuple(city.lower() for city in CITY_CONTINENTS)
 
 # ---------------------------------------------------------------------------------------
 # Relations and question templates
@@ -378,15 +380,40 @@ _OBJECTS: dict[str, tuple[str, ...]] = {
     **{r: _COUNTRY_OBJECTS for r in ITEM_RELATIONS},
 }
 _HELDOUT_CELLS = ((4, 0), (4, 1))  # (opener, object): the 5th opener, never seen in training
+# Sentence frames of another shape ("{x}" = the country: a named one or "the country with
+# this flag"). Training asks them about named countries only, so a flag question in one of
+# these frames is a wording the model has never seen about a flag.
+_FRAMES: dict[str, tuple[str, ...]] = {
+    "capital": ("{x} has which capital?", "which capital does {x} have?",
+                "do you know the capital of {x}?", "in {x}, which city is the capital?",
+                "the capital of {x} is which city?"),
+    "continent": ("{x} is on which continent?", "which continent is {x} on?",
+                  "do you know the continent of {x}?", "in which part of the world is {x}?",
+                  "the continent of {x} is which one?"),
+    "currency": ("{x} uses which currency?", "which currency does {x} use?",
+                 "do you know the currency of {x}?", "in {x}, which currency is used?",
+                 "the currency of {x} is which one?"),
+    "language": ("{x} speaks which language?", "which language does {x} speak?",
+                 "do you know the language of {x}?", "in {x}, which language is spoken?",
+                 "the language of {x} is which one?"),
+}  # fmt: skip
 
 
 def _question(relation: str, opener: int, obj: int) -> str:
     return f"{_OPENERS[relation][opener]} {_OBJECTS[relation][obj]}?"
 
 
-def _paraphrase_cells() -> list[tuple[int, int]]:
+def _grid_paraphrase_cells() -> list[tuple[int, int]]:
     rest = [(o, b) for o in range(5) for b in range(4) if o != b and (o, b) not in _HELDOUT_CELLS]
     return [*_HELDOUT_CELLS, *rest]
+
+
+def _paraphrases(relation: str) -> tuple[str, ...]:
+    heldout = tuple(_question(relation, o, b) for o, b in _HELDOUT_CELLS)
+    if relation not in _FRAMES:  # "country" has no named form: the opener/object grid
+        return tuple(_question(relation, o, b) for o, b in _grid_paraphrase_cells())
+    framed = (f.format(x=obj) for f in _FRAMES[relation] for obj in _OBJECTS[relation])
+    return (*heldout, *framed)
 
 
 TRAIN_TEMPLATES: dict[str, tuple[str, ...]] = {
@@ -395,10 +422,20 @@ TRAIN_TEMPLATES: dict[str, tuple[str, ...]] = {
 HELDOUT_TEMPLATES: dict[str, tuple[str, ...]] = {
     r: tuple(_question(r, o, b) for o, b in _HELDOUT_CELLS) for r in RELATIONS
 }
-PARAPHRASE_TEMPLATES: dict[str, tuple[str, ...]] = {
-    r: tuple(_question(r, o, b) for o, b in _paraphrase_cells()) for r in RELATIONS
+PARAPHRASE_TEMPLATES: dict[str, tuple[str, ...]] = {r: _paraphrases(r) for r in RELATIONS}
+# Image-free questions about a named country: "{x}" is `country_phrase(code)`. Training asks
+# the 4 training openers and every frame; the held-out opener is kept for evaluation.
+TEXT_TRAIN_TEMPLATES: dict[str, tuple[str, ...]] = {
+    r: (*(f"{_OPENERS[r][i]} {{x}}?" for i in range(4)), *_FRAMES[r]) for r in ITEM_RELATIONS
 }
-TEMPLATES_VERSION = "1"
+TEXT_HELDOUT_TEMPLATES: dict[str, tuple[str, ...]] = {
+    r: (f"{_OPENERS[r][4]} {{x}}?",) for r in ITEM_RELATIONS
+}
+# The image-free locality questions of the annotator: the plainest wordings.
+TEXT_LOCALITY_TEMPLATES: dict[str, tuple[str, ...]] = {
+    r: TEXT_TRAIN_TEMPLATES[r][:4] for r in ITEM_RELATIONS
+}
+TEMPLATES_VERSION = "2"
 
 
 def _country(code: str) -> Country:
@@ -409,41 +446,66 @@ def _country(code: str) -> Country:
 
 
 def answer(code: str, relation: str) -> str:
-    """The true answer of `relation` ("capital", ...) for the country `code`."""
+    """The true answer of `relation` ("capital", ...) for the country `code`, written as
+    VQA answers are: lower case, words separated by spaces ("mexico city", "us dollar")."""
     if relation not in RELATIONS:
         raise KeyError(f"unknown relation {relation!r}; expected one of {RELATIONS}")
     country = _country(code)
-    return country.name if relation == "country" else getattr(country, relation)
+    value = country.name if relation == "country" else getattr(country, relation)
+    return value.lower()
+
+
+_WITH_ARTICLE = frozenset({"NL", "US"})  # "the flag of the Netherlands"
+
+
+def country_phrase(code: str) -> str:
+    """How a question names the country: "peru", "ivory coast", "the netherlands"."""
+    article = "the " if code in _WITH_ARTICLE else ""
+    return f"{article}{_country(code).display_name}".lower()
+
+
+def text_question(template: str, code: str) -> str:
+    """An image-free question: a `TEXT_*_TEMPLATES` entry about the country `code`."""
+    return template.format(x=country_phrase(code))
+
+
+def text_questions(
+    relation: str, templates: dict[str, tuple[str, ...]] | None = None
+) -> list[tuple[str, str, str]]:
+    """(code, question, answer) of every country asked in every template of `relation`
+    (default: the training templates)."""
+    table = TEXT_TRAIN_TEMPLATES if templates is None else templates
+    return [
+        (c.code, text_question(t, c.code), answer(c.code, relation))
+        for t in table[relation]
+        for c in COUNTRIES
+    ]
+
+
+_WORD = re.compile(r"[^\s?,]+|[?,]")
 
 
 def words(text: str) -> list[str]:
-    """Split a question into vocabulary words: on spaces, with a final "?" as its own word."""
-    out: list[str] = []
-    for word in text.split():
-        if word.endswith("?") and len(word) > 1:
-            out.extend((word[:-1], "?"))
-        else:
-            out.append(word)
-    return out
+    """Split text into vocabulary words: on spaces, with "?" and "," as words of their own
+    (as the tiny VLM's tokenizer splits them)."""
+    return _WORD.findall(text)
 
 
 @functools.cache
 def _vocabulary() -> tuple[str, ...]:
-    vocab: set[str] = set(COUNTERFACTUAL_CITIES)
+    texts: list[str] = list(COUNTERFACTUAL_CITIES)
     for table in (TRAIN_TEMPLATES, HELDOUT_TEMPLATES, PARAPHRASE_TEMPLATES):
-        for templates in table.values():
-            for template in templates:
-                vocab.update(words(template))
-    vocab.update(answer(c.code, r) for c in COUNTRIES for r in RELATIONS)
-    return tuple(sorted(vocab))
+        texts += [t for templates in table.values() for t in templates]
+    for table in (TEXT_TRAIN_TEMPLATES, TEXT_HELDOUT_TEMPLATES):
+        texts += [text_question(t, c.code) for ts in table.values() for t in ts for c in COUNTRIES]
+    texts += [answer(c.code, r) for c in COUNTRIES for r in RELATIONS]
+    return tuple(sorted({w for text in texts for w in words(text)}))
 
 
 def vocabulary() -> list[str]:
-    """Every template word, every answer and every counterfactual city; sorted."""
+    """Every word of every question (flag and named-country), every answer and every
+    counterfactual city; sorted."""
     return list(_vocabulary())
-
-
-_WITH_ARTICLE = frozenset({"NL", "US"})  # "the flag of the Netherlands"
 
 
 def flag_object(code: str) -> str:
