@@ -743,13 +743,20 @@ def redact_text(text: str) -> str:
     return _URL.sub(lambda m: redact_url(m.group(0)), text) if "://" in text else text
 
 
+SECRET_FIELDS = frozenset({"api_key", "token", "hf_token", "password", "secret"})
+
+
 def redact_secrets(value: Any) -> Any:
-    """A copy of a JSON-like value (dicts, lists, strings) with credentials in URLs
-    redacted; what configs, manifests and Prefect parameters go through before written."""
+    """A copy of a JSON-like value (dicts, lists, strings) with credentials redacted: in URLs,
+    and the values of fields named like a key (`api_key`, `token`, ...); what configs,
+    manifests and Prefect parameters go through before written."""
     if isinstance(value, str):
         return redact_text(value)
     if isinstance(value, dict):
-        return {k: redact_secrets(v) for k, v in value.items()}
+        return {
+            k: REDACTED if str(k).lower() in SECRET_FIELDS and v else redact_secrets(v)
+            for k, v in value.items()
+        }
     if isinstance(value, list | tuple):
         return type(value)(redact_secrets(v) for v in value)
     return value
