@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # On the device machine (see bench/gpu_wheels.sh): install the carried wheels beside the
 # image's torch, then run the GPU check, writing $OUT/gpu_check.json. Extra arguments go to
-# bench/gpu_check.py.
+# bench/gpu_check.py (e.g. `--parts images --image-shape sd15`). Its `images` part (issue 17)
+# needs the diffusers wheel (with importlib_metadata and zipp) among the carried ones; without
+# it that part reports the missing wheel and the other parts still run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-python3 bench/gpu_check.py --json "${OUT:-/tmp}/gpu_check.json" "$@"
+timeout 570 python3 bench/gpu_check.py --json "${OUT:-/tmp}/gpu_check.json" "$@"

@@ -12,7 +12,7 @@ import functools
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
@@ -86,7 +86,9 @@ class ImageSettings(BaseModel):
     quality: Literal["standard", "hd", "low", "medium", "high", "auto"] | None = None  # openai
     api_base_url: str | None = None  # openai; None: OPENAI_BASE_URL, else api.openai.com
     concurrency: int = Field(8, ge=1)  # openai requests in flight
-    batch_size: int = Field(4, ge=1)  # diffusers prompts per pipeline call
+    # diffusers prompts per pipeline call; "auto": as many as the device's free memory holds
+    # (`image_backends.diffusion.auto_batch_size`), halved on out-of-memory
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = 4
     device: Literal["auto", "cpu", "cuda"] = "auto"  # diffusers and CLIP
     pool_dir: Path | None = None  # retrieve: a folder of photos (e.g. COCO train2014)
     clip_model: str = "openai/clip-vit-base-patch32"

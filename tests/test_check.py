@@ -121,6 +121,16 @@ def test_near_miss_answered_with_the_original_is_dropped() -> None:
     assert codes(check) == [("near_miss_looks_original", "locality[1]")]
 
 
+def test_near_misses_the_model_cannot_tell_apart_are_a_model_gap() -> None:
+    check = check_item(record(), probes(locality_0="paris", locality_2="paris"), CONFIG)
+    assert check.status == "model_gap" and check.knows_original
+    assert ("near_miss_indistinct", "locality") in codes(check)
+    assert dropped_probes(check) == set()  # the item keeps its near misses
+    training = check_item(record(), probes(train_neg_0="paris"), CONFIG)
+    assert training.status == "model_gap"
+    assert codes(training) == [("bad_training_probe", "train_neg[0]")]
+
+
 def test_a_rephrase_answered_as_another_question_is_dropped() -> None:
     check = check_item(record(), probes(rephrase_3="euro"), CONFIG)
     assert codes(check) == [("rephrase_differs", "rephrase[3]")]
@@ -133,6 +143,12 @@ def test_a_text_negative_that_expects_the_original_is_dropped() -> None:
     rows[[p.kind for p in rows].index("text_negative") + 1].expected = "paris"
     check = check_item(record(text_negatives=negatives), rows, CONFIG)
     assert codes(check) == [("text_negative_same_fact", "text_negative[1]")]
+
+
+def test_a_text_negative_answered_with_the_original_is_dropped() -> None:
+    check = check_item(record(), probes(text_negative_0="paris"), CONFIG)
+    assert codes(check) == [("text_negative_same_fact", "text_negative[0]")]
+    assert check.status == "sound" and dropped_probes(check) == {"text_negative[0]"}
 
 
 def test_a_bad_training_probe_makes_the_item_unsound() -> None:
@@ -174,6 +190,22 @@ def test_text_similarity_flags_far_rephrases_and_paraphrased_negatives(similarit
     assert check.status == "sound"  # one bad probe per family: dropped, not unsound
     clean = check_item(record(), probes(), CheckConfig(), similarity)
     assert clean.status == "sound" and clean.reasons == []
+
+
+def test_another_fact_sharing_the_answer_string_is_no_defect(similarity) -> None:
+    # "which country uses this flag?" -> "luxembourg" next to the capital "luxembourg"
+    item = record(answers=["luxembourg"] * 10, original_answer="luxembourg")
+    negatives = item.text_negatives
+    negatives[0] = TextNegative(question="which country uses this flag?", answer="luxembourg")
+    rows = probes(edit_0="luxembourg", text_negative_0="luxembourg")
+    for p in rows:
+        if p.kind in ("rephrase", "image_rephrase", "train_pos"):
+            p.pre_answer = "luxembourg"
+    rows[[p.kind for p in rows].index("text_negative")].expected = "luxembourg"
+    check = check_item(
+        item.model_copy(update={"text_negatives": negatives}), rows, CheckConfig(), similarity
+    )
+    assert check.status == "sound" and check.reasons == []
 
 
 def test_dropping_prunes_the_record_and_renumbers_the_probes() -> None:

@@ -353,8 +353,9 @@ def pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def diffusers_settings(model: Path, **kw: Any) -> ImageSettings:
+    kw = {"batch_size": 8, **kw}
     return ImageSettings(
-        backend="diffusers", model=str(model), size=32, steps=2, device="cpu", batch_size=8, **kw
+        backend="diffusers", model=str(model), size=32, steps=2, device="cpu", **kw
     )
 
 
@@ -403,6 +404,126 @@ def test_clip_score_check_with_a_tiny_clip(
     (low,) = make_image_backend(settings(0.99), cache_dir=tmp_path).make_images([make_pair()])
     assert isinstance(low, Rejection)
     assert "check: CLIP score" in low.reason and "< threshold 0.99" in low.reason
+
+
+def _diffusers_jobs(pipeline_dir: Path, **kw: Any) -> tuple[DiffusersImages, list[Job]]:
+    """The generator of a diffusers images stage (no cache) and the 14 jobs of one item."""
+    backend = make_image_backend(diffusers_settings(pipeline_dir, cache=False, **kw), seed=3)
+    gen = backend.generator
+    assert isinstance(gen, DiffusersImages)
+    return gen, [backend._job(ctx, slot, 0) for ctx, slot in _contexts(backend)]
+
+
+def _pngs(results: list[Result]) -> list[bytes]:
+    assert all(isinstance(r, Produced) for r in results), results
+    return [r.data for r in results if isinstance(r, Produced)]
+
+
+def assert_same_images(got: list[bytes], want: list[bytes]) -> None:
+    """The same images up to float rounding: a batch of another shape may round one pixel
+    value of a few images the other way (measured: 1 of 3,072 values, by 1 level); a seed
+    given to the wrong image, or one generator shared by the batch, changes every pixel."""
+    import numpy as np
+
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        x = np.asarray(Image.open(io.BytesIO(a)), dtype=np.int16)
+        y = np.asarray(Image.open(io.BytesIO(b)), dtype=np.int16)
+        diff = np.abs(x - y)
+        assert diff.max() <= 1 and (diff > 0).mean() <= 0.002, (i, diff.max(), (diff > 0).mean())
+
+
+def test_diffusers_auto_batch_fits_free_memory_and_equals_one_at_a_time(
+    pipeline_dir: Path,
+) -> None:
+    from pipeline.image_backends.diffusion import MEMORY_HEADROOM, activation_bytes
+
+    single, jobs = _diffusers_jobs(pipeline_dir, batch_size=1)
+    alone = _pngs(single.generate(jobs))
+    assert single.batches == {1: N_IMAGES}
+    assert len(set(alone)) == N_IMAGES  # one seed per image: 14 different images
+
+    gen, _ = _diffusers_jobs(pipeline_dir, batch_size="auto")
+    assert gen.batch_size == "auto"
+    per_image = activation_bytes(gen.pipe, 32, 0.0)
+    free = {"bytes": int(3.5 * per_image / MEMORY_HEADROOM)}  # room for 3 images
+    gen._memory_probe = lambda: free["bytes"]
+    assert_same_images(_pngs(gen.generate(jobs)), alone)  # same seeds, same images
+    assert gen.batches == {3: 4, 2: 1}
+
+    gen.batches.clear()
+    free["bytes"] = 10**15  # plenty: the cap decides
+    gen.max_batch = 5
+    assert_same_images(_pngs(gen.generate(jobs)), alone)
+    assert gen.batches == {5: 2, 4: 1}
+
+    gen.batches.clear()
+    free["bytes"] = per_image  # less than one image's estimate: still one at a time
+    assert _pngs(gen.generate(jobs[:2])) == alone[:2]  # one at a time: bit for bit
+    assert gen.batches == {1: 2}
+
+
+def test_diffusers_auto_batch_halves_on_out_of_memory(pipeline_dir: Path) -> None:
+    import torch
+
+    class SmallGPU:
+        """The tiny pipeline, out of memory above two prompts per call."""
+
+        def __init__(self, pipe: Any) -> None:
+            self.inner = pipe
+            self.calls: list[int] = []
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+        def __call__(self, prompt: list[str], **kw: Any) -> Any:
+            self.calls.append(len(prompt))
+            if len(prompt) > 2:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            return self.inner(prompt=prompt, **kw)
+
+    single, jobs = _diffusers_jobs(pipeline_dir, batch_size=1)
+    alone = _pngs(single.generate(jobs[:8]))
+    small = SmallGPU(single.pipe)
+    auto = DiffusersImages(
+        str(pipeline_dir),
+        size=32,
+        device="cpu",
+        pipeline=small,
+        memory_probe=lambda: 10**15,
+        max_batch=8,
+    )
+    assert_same_images(_pngs(auto.generate(jobs[:8])), alone)
+    assert small.calls == [8, 4, 2, 2, 2, 2]  # halved until it fits, then kept
+    assert auto.stats.snapshot()["oom_retries"] == 2 and auto.batches == {2: 4}
+
+    fixed = DiffusersImages(str(pipeline_dir), size=32, device="cpu", pipeline=small, batch_size=4)
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # a fixed size is the user's setting
+        fixed.generate(jobs[:8])
+
+
+def test_diffusers_keeps_sdpa_attention_and_defaults_to_a_few_step_model(
+    pipeline_dir: Path,
+) -> None:
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from pipeline.image_backends import diffusion
+
+    gen, jobs = _diffusers_jobs(pipeline_dir)
+    assert gen.pipe is not None and gen.runtime()["attention"] == "AttnProcessor2_0"
+    assert gen.runtime()["dtype"] == "float32" and gen.runtime()["compiled"] is False
+
+    plain = diffusion.load_pipeline(str(pipeline_dir), "cpu")
+    plain.unet.set_attn_processor(AttnProcessor())  # something switched SDPA off
+    switched = DiffusersImages(str(pipeline_dir), size=32, device="cpu", pipeline=plain)
+    switched.generate(jobs[:1])
+    assert {type(p).__name__ for p in plain.unet.attn_processors.values()} == {"AttnProcessor2_0"}
+
+    # the documented full-build default: a distilled model, 2 steps, no guidance
+    defaults = ImageSettings(backend="diffusers")
+    assert diffusion.DEFAULT_MODEL == "stabilityai/sdxl-turbo"
+    assert (defaults.steps, defaults.guidance_scale) == (2, 0.0)
+    assert DiffusersImages().batch_size == "auto"
 
 
 def _contexts(backend: ImageMaker) -> list[tuple[Any, Any]]:
