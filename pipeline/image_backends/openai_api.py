@@ -35,9 +35,10 @@ from pipeline.image_backends.core import (
     now,
 )
 from pipeline.llm import LLMConfig, LLMFatalError
+from pipeline.openai_errors import classify_openai_error
 
 DEFAULT_MODEL = "dall-e-2"
-REFUSAL_CODES = frozenset({"content_policy_violation", "moderation_blocked"})
+NO_RETRY = ("refusal", "bad_request")  # the same prompt fails the same way again
 
 # USD per image, public list prices (model, side, quality); None quality = the default
 PRICES: dict[tuple[str, int, str | None], float] = {
@@ -159,45 +160,13 @@ class OpenAIImages:
         )
 
 
-def _error_code(exc: openai.APIStatusError) -> str:
-    body = exc.body if isinstance(exc.body, dict) else {}
-    error = body.get("error", body) if isinstance(body, dict) else {}
-    code = getattr(exc, "code", None) or (error.get("code") if isinstance(error, dict) else None)
-    return str(code or "")
-
-
 def classify_error(exc: openai.APIError) -> Failed:
     """A failure for the job, or `ImageFatalError` when no request can succeed."""
-    if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
-        raise ImageFatalError(
-            f"the images API rejected the credentials (HTTP {exc.status_code}); "
-            "check OPENAI_API_KEY"
-        ) from None
-    if isinstance(exc, openai.NotFoundError):
-        raise ImageFatalError(
-            "the images API answered 404: check the base URL (it usually ends in /v1) "
-            "and the image model name"
-        ) from None
-    if isinstance(exc, openai.APITimeoutError):
-        return Failed("timeout", "request timed out after all retries")
-    if isinstance(exc, openai.APIConnectionError):
-        return Failed("connection", f"connection failed after all retries: {type(exc).__name__}")
-    if isinstance(exc, openai.APIStatusError):
-        message = _short(exc.message)
-        code = _error_code(exc)
-        if exc.status_code == 400 and (code in REFUSAL_CODES or "safety" in message.lower()):
-            return Failed(
-                "refusal",
-                f"the API refused the prompt ({code or 'HTTP 400'}): {message}",
-                retry=False,
-            )
-        if exc.status_code == 429:
-            return Failed("rate_limited", "HTTP 429 after all retries")
-        if exc.status_code >= 500:
-            return Failed("server_error", f"HTTP {exc.status_code} after all retries")
-        return Failed("bad_request", f"HTTP {exc.status_code}: {message}", retry=False)
-    return Failed("bad_request", f"{type(exc).__name__}: {_short(str(exc))}", retry=False)
-
-
-def _short(text: str, limit: int = 200) -> str:
-    return text if len(text) <= limit else text[:limit] + "…"
+    failure = classify_openai_error(
+        exc,
+        "the images API",
+        "check the base URL (it usually ends in /v1) and the image model name",
+    )
+    if failure.fatal:
+        raise ImageFatalError(failure.fatal) from None
+    return Failed(failure.kind, failure.reason, retry=failure.kind not in NO_RETRY)
