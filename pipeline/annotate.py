@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import re
-import string
 import threading
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -36,6 +35,7 @@ from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from editors.metrics import normalize_answer
 from pipeline.llm import (
     TRANSIENT_KINDS,
     BudgetExceededError,
@@ -180,14 +180,6 @@ def _counted(model: type[T], counts: tuple[tuple[str, int], ...]) -> type[T]:
 
 # --------------------------------------------------------------------------- validation
 
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = str.maketrans({c: " " for c in string.punctuation})
-
-
-def norm(text: str) -> str:
-    """Lower-case, no punctuation, no articles, single spaces: for comparisons only."""
-    return " ".join(_ARTICLES.sub(" ", text.lower().translate(_PUNCT)).split())
-
 
 def clean(text: str) -> str:
     """Trim whitespace and wrapping quotes; keep the model's wording otherwise."""
@@ -200,7 +192,7 @@ def clean_list(values: list[str]) -> list[str]:
     out: list[str] = []
     for value in values:
         text = clean(value)
-        key = norm(text)
+        key = normalize_answer(text)
         if key and key not in seen:
             seen.add(key)
             out.append(text)
@@ -208,21 +200,22 @@ def clean_list(values: list[str]) -> list[str]:
 
 
 def answer_problems(value: str, forbidden: list[str], what: str) -> list[str]:
-    if not norm(value):
+    if not normalize_answer(value):
         return [f"{what} is empty"]
-    bad = {norm(f) for f in forbidden if norm(f)}
-    if norm(value) in bad:
+    bad = {normalize_answer(f) for f in forbidden if normalize_answer(f)}
+    if normalize_answer(value) in bad:
         return [f"{what} {value!r} repeats a forbidden answer"]
     return []
 
 
 def leaked(text: str, phrase: str, question: str) -> bool:
     """`phrase` occurs in `text` as whole words although the question does not contain it."""
-    p = norm(phrase)
+    p = normalize_answer(phrase)
     if not p:
         return False
     pattern = re.compile(rf"\b{re.escape(p)}\b")
-    return bool(pattern.search(norm(text))) and not pattern.search(norm(question))
+    in_text = pattern.search(normalize_answer(text))
+    return bool(in_text) and not pattern.search(normalize_answer(question))
 
 
 def rephrase_problems(
@@ -238,10 +231,10 @@ def rephrase_problems(
         problems.append(f"{len(rephrases)} distinct rephrases, need {n_eval}")
     if len(train) < n_train:
         problems.append(f"{len(train)} distinct training rephrases, need {n_train}")
-    q = norm(question)
-    if any(norm(r) == q for r in rephrases + train):
+    q = normalize_answer(question)
+    if any(normalize_answer(r) == q for r in rephrases + train):
         problems.append("a rephrase repeats the question")
-    if {norm(r) for r in rephrases} & {norm(r) for r in train}:
+    if {normalize_answer(r) for r in rephrases} & {normalize_answer(r) for r in train}:
         problems.append("training rephrases overlap the evaluation rephrases")
     for phrase in answers:
         if any(leaked(r, phrase, question) for r in rephrases + train):
@@ -255,10 +248,10 @@ def negative_problems(
     problems: list[str] = []
     if len(negatives) < k:
         problems.append(f"{len(negatives)} text negatives, need {k}")
-    taken = {norm(question)} | {norm(r) for r in rephrases}
-    if any(norm(n.question) in taken for n in negatives):
+    taken = {normalize_answer(question)} | {normalize_answer(r) for r in rephrases}
+    if any(normalize_answer(n.question) in taken for n in negatives):
         problems.append("a text negative repeats the question or a rephrase")
-    if any(not norm(n.answer) for n in negatives):
+    if any(not normalize_answer(n.answer) for n in negatives):
         problems.append("a text negative has an empty answer")
     return problems
 
@@ -578,8 +571,8 @@ class _ItemRun:
 
         def split(o: RephrasesOut) -> tuple[list[str], list[str]]:
             evals = clean_list(o.rephrases)[:n_eval]
-            taken = {norm(r) for r in evals}
-            train = [r for r in clean_list(o.rephrases_train) if norm(r) not in taken]
+            taken = {normalize_answer(r) for r in evals}
+            train = [r for r in clean_list(o.rephrases_train) if normalize_answer(r) not in taken]
             return evals, train[:n_train]
 
         def check(o: RephrasesOut) -> list[str]:
@@ -624,8 +617,8 @@ class _ItemRun:
             out: list[TextNegative] = []
             for neg in o.text_negatives:
                 q, a = clean(neg.question), clean(neg.answer)
-                if norm(q) and norm(q) not in seen:
-                    seen.add(norm(q))
+                if normalize_answer(q) and normalize_answer(q) not in seen:
+                    seen.add(normalize_answer(q))
                     out.append(TextNegative(question=q, answer=a))
             return out[:k]
 
