@@ -119,6 +119,7 @@ def item_metrics(probes: Sequence[ProbeResult], hm_locality: str = "agreement") 
         gen_image_generality=generated("image_rephrase"),
         gen_locality=generated("locality"),
         gen_text_locality=generated("text_negative"),
+        image_free_locality=agree("image_free_locality"),
     )
     locality = metrics.locality_agreement if hm_locality == "agreement" else metrics.locality_label
     metrics.hm = harmonic_mean([metrics.text_generality, metrics.image_generality, locality])

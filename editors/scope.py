@@ -5,9 +5,10 @@ edited model, and its key's distance to the edit key and its routing are recorde
 
 * positives — the edit itself, each text rephrase, each image rephrase: must route to the
   edit and answer the target (teacher-forced, all target tokens right) -> `in_scope_ok`;
-* negatives — each near-miss locality image (same question, expected answer C) and each text
-  negative (same image, another fact): must route away or keep their answer (top-1 unchanged
-  at every answer position) -> `out_of_scope_ok`;
+* negatives — each near-miss locality image (same question, expected answer C), each text
+  negative (same image, another fact) and, when the record has one, the image-free locality
+  question (EasyEdit's `loc`; on a grey stand-in image, see `IMAGE_FREE_COLOUR`): must route
+  away or keep their answer (top-1 unchanged at every answer position) -> `out_of_scope_ok`;
 * `ambiguous` — a negative is closer to the key than some positive of its family (usually a
   bad generated image or a paraphrase that changed the meaning): near-miss images are
   compared with the image rephrases, text negatives with the rephrases. Comparing across
@@ -69,7 +70,7 @@ logger = logging.getLogger(__name__)
 EDITORS: dict[str, type[Editor]] = {"balancedit": BalancEdit, "grace": Grace, "ft": FineTune}
 POSITIVE_KINDS = ("edit", "rephrase", "image_rephrase")
 RADIUS_KINDS = ("edit", "train_pos", "train_neg", "train_text_neg")  # EditRequest.rows() order
-NEGATIVE_KINDS = ("locality", "text_negative")
+NEGATIVE_KINDS = ("locality", "text_negative", "image_free_locality")
 MAX_REASONS = 5
 # The image-free locality probe (EasyEdit's `loc`: a question on an unrelated fact asked with
 # no image). Every adapter builds each row from an image, and a true text-only row would need
@@ -170,6 +171,19 @@ def build_probes(record: OkeditRecord, config: EditorConfig) -> list[Probe]:
         for i, tn in enumerate(record.text_negatives)
         if i != held_out
     ]
+    if record.image_free_locality is not None:  # EasyEdit's `loc`, on the grey stand-in
+        free, size = record.image_free_locality, to_pil(image).size
+        probes.append(
+            Probe(
+                "image_free_locality",
+                0,
+                image_free_image(size),
+                free.question,
+                free.answer,
+                "negative",
+                False,
+            )
+        )
     negative = negative_prompt(record, config)
     probes.append(Probe("train_pos", 0, image, record.rephrases_train[0], target, "train", False))
     probes.append(

@@ -22,6 +22,15 @@ no network and no LLM. Choices:
 - text_negatives: the other relations asked about the same flag with the same opener/object
   cell as the question (so the wording is close), answered with the true answer; negatives
   whose answer equals the target are skipped.
+- image_free_locality (EasyEdit's `loc`/`loc_ans`): an image-free question about another
+  country, named in the question and outside the flag's look-alike group, on a relation
+  drawn by seed ("what is the currency of peru?" -> "sol"), in one of
+  `TEXT_LOCALITY_TEMPLATES` (wordings the tiny VLM is trained on); its answer is neither an
+  answer of the item nor its target. Different per item: drawn from 45 countries x 4
+  relations x 4 wordings.
+
+Answers are written as VQA answers are: lower case, words separated by spaces
+("mexico city", "us dollar"), as `flagworld.answer` gives them.
 """
 
 from __future__ import annotations
@@ -33,7 +42,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.sources import flagworld as fw
-from schemas.record import Annotation, FieldProvenance, Rejection, SourceItem, TextNegative
+from schemas.record import (
+    Annotation,
+    FieldProvenance,
+    ImageFreeQuestion,
+    Rejection,
+    SourceItem,
+    TextNegative,
+)
 
 BACKEND = "flagworld-offline"
 
@@ -58,7 +74,7 @@ class FlagworldAnnotator:
     """Annotates flagworld `SourceItem`s (question_type = relation, image_id = country code)."""
 
     name = BACKEND
-    version = "1"
+    version = "2"
 
     def __init__(
         self,
@@ -93,6 +109,7 @@ class FlagworldAnnotator:
         rephrases_train = self._rephrases_train(item, relation)
         rephrases = self._rephrases(item, relation, rephrases_train.value)
         negatives = self._text_negatives(item, code, relation, target.value)
+        image_free = self._image_free_locality(item, code, answers | {_norm(target.value)})
         reason = (
             f"The image still shows {fw.flag_object(code)}; only a fact about its country "
             f"({relation}) changes, so the counterfactual is about text, not the object."
@@ -112,6 +129,7 @@ class FlagworldAnnotator:
                 fw.flag_object(loc_train.params["country"]), loc_train.params
             ),
             "text_negatives": negatives,
+            "image_free_locality": image_free,
         }
         annotation = Annotation(
             item_id=item.item_id,
@@ -255,14 +273,35 @@ class FlagworldAnnotator:
             )
         return _Choice(negatives, {"relations": others, "template_cell": cell})
 
+    def _image_free_locality(self, item: SourceItem, code: str, taken: set[str]) -> _Choice:
+        """An image-free question about a named country outside the flag's look-alike group
+        (EasyEdit's `loc`), whose answer is not in `taken` (the answers and the target)."""
+        group = {code, *fw.lookalikes(code)}
+        options = [
+            (c.code, relation, template)
+            for c in fw.COUNTRIES
+            if c.code not in group
+            for relation in fw.ITEM_RELATIONS
+            if _norm(fw.answer(c.code, relation)) not in taken
+            for template in fw.TEXT_LOCALITY_TEMPLATES[relation]
+        ]
+        if not options:
+            raise AnnotationError("no image-free locality question with an answer of its own")
+        country, relation, template = self._rng(item, "image_free_locality").choice(options)
+        question = ImageFreeQuestion(
+            question=fw.text_question(template, country), answer=fw.answer(country, relation)
+        )
+        return _Choice(question, {"country": country, "relation": relation, "template": template})
+
 
 def _target_pool(relation: str, continent: str) -> tuple[list[str], list[str]]:
-    """Counterfactual candidates for a relation: (same continent, anywhere), each sorted."""
+    """Counterfactual candidates for a relation, written as answers: (same continent,
+    anywhere), each sorted. `continent` as the knowledge table writes it."""
     if relation == "continent":
-        return [], sorted({c.continent for c in fw.COUNTRIES})
+        return [], sorted({fw.answer(c.code, "continent") for c in fw.COUNTRIES})
     if relation == "capital":
-        cities = {city for city, cont in fw.CITY_CONTINENTS.items() if cont == continent}
-        capitals = {c.capital for c in fw.COUNTRIES if c.continent == continent}
+        cities = {city.lower() for city, cont in fw.CITY_CONTINENTS.items() if cont == continent}
+        capitals = {fw.answer(c.code, "capital") for c in fw.COUNTRIES if c.continent == continent}
         return sorted(cities | capitals), sorted(set(fw.COUNTERFACTUAL_CITIES))
     near = {fw.answer(c.code, relation) for c in fw.COUNTRIES if c.continent == continent}
     return sorted(near), sorted({fw.answer(c.code, relation) for c in fw.COUNTRIES})

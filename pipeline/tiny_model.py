@@ -2,11 +2,15 @@
 questions (design §9), shipped in `editors/assets/tiny-flagworld-vlm`.
 
 Recipe: pre-render a pool of augmented images per flag (plus the canonical render), sample
-(flag, relation, training template) batches, teacher-forced loss on the answer token (and
-on `</s>` after it, so generation stops), AdamW with warm-up + cosine. Everything is seeded;
-the step count (not the clock) defines the run, so the same seed gives the same weights.
-Evaluation uses fresh renders from a different seed, with the training and the held-out
-templates, and reports accuracy per look-alike group.
+batches of (flag, relation, training template) questions and, for `text_share` of each
+batch, image-free questions about named countries ("what is the capital of peru?") shown
+with no image, the grey stand-in of image-free probes or a random flag; teacher-forced loss
+on the answer's words (answers such as "mexico city" take several tokens) and on `</s>`
+after them, so generation stops; AdamW with warm-up + cosine. Everything is seeded; the
+step count (not the clock) defines the run, so the same seed gives the same weights.
+Evaluation uses fresh renders from a different seed, with the training, held-out and
+paraphrase templates, and the image-free questions in each way of showing them; it reports
+accuracy (every word of the answer right) per look-alike group too.
 """
 
 from __future__ import annotations
@@ -68,10 +72,15 @@ class TinyVLMRecipe:
       steps with a 384-image pool: seed 0 0.980 / 0.979 / 0.968 (training / held-out /
       paraphrase templates), seed 1 0.977 / 0.972 / 0.953. The same boost on the token
       embeddings learns the training templates as fast but breaks held-out phrasings
-      (seed 1, "what nation uses this flag?": 0.67), so they keep the base lr."""
+      (seed 1, "what nation uses this flag?": 0.67), so they keep the base lr.
+    - flagworld 2 (issue 13: multi-word answers, a quarter of each batch image-free
+      questions about named countries, paraphrases in frames never asked about a flag):
+      3000 steps, one torch thread. Seed 0 (shipped): 0.978 / 0.979 / 0.948 (training /
+      held-out / paraphrase templates), image-free questions 1.000; seed 1: 0.979 / 0.979 /
+      0.955, image-free 1.000; `</s>` follows every answer (1.000)."""
 
     seed: int = 0
-    steps: int = 2500
+    steps: int = 3000
     budget_s: float | None = None  # optional safety net; `steps` defines the run
     lr: float = 3e-4
     lr_mult: dict[str, float] = field(default_factory=lambda: {"lm_head": 20.0})

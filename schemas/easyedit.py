@@ -4,18 +4,24 @@ One object per edit; images are written beside the JSON and referenced by relati
 EasyEdit silently drops items with an empty field, so the export refuses them instead. Each
 object also carries the OKEDIT `item_id`, which EasyEdit's loaders ignore, so that results
 can be joined back to the parquet.
+
+EasyEdit's `VQADataset` joins `image` and `m_loc` to its `coco_image` setting and
+`image_rephrase` to `rephrase_image`: both must name the export folder (docs/schema.md).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from io import BytesIO
 from pathlib import Path
 
 from PIL import Image
 
 from schemas.record import OkeditRecord
+
+logger = logging.getLogger(__name__)
 
 EASYEDIT_FIELDS = (
     "src",
@@ -45,13 +51,19 @@ def _write_image(data: bytes, folder: Path, root: Path) -> str:
 def easyedit_entry(record: OkeditRecord, image_dir: Path, root: Path) -> dict[str, str]:
     """`item_id` and the 11 fields for one record.
 
-    The text-locality pair (`loc`, `loc_ans`) is the record's own first text negative — a
-    real question with a known answer, different for every item — in EasyEdit's
-    "nq question:" convention.
+    `loc`/`loc_ans` are the record's image-free locality question and its answer
+    (`image_free_locality`): EasyEdit asks `loc` with no image, so it must be a
+    self-contained question on an unrelated fact (in MMEdit an NQ question). okedit's text
+    negatives (same image, another question) need the image and stay okedit's own field.
     """
-    if not record.text_negatives or not record.locality_images or not record.image_rephrases:
-        raise ValueError(f"{record.item_id}: needs text negatives, locality and rephrase images")
-    negative = record.text_negatives[0]
+    if not record.locality_images or not record.image_rephrases:
+        raise ValueError(f"{record.item_id}: needs locality and rephrase images")
+    free = record.image_free_locality
+    if free is None:
+        raise ValueError(
+            f"{record.item_id}: no image-free locality question (field `image_free_locality`) "
+            "for EasyEdit's `loc`/`loc_ans`; rebuild the item with an annotator that writes one"
+        )
     entry = {
         "item_id": record.item_id,
         "src": record.question,
@@ -60,8 +72,8 @@ def easyedit_entry(record: OkeditRecord, image_dir: Path, root: Path) -> dict[st
         "rephrase": record.rephrases[0] if record.rephrases else "",
         "image": _write_image(record.image, image_dir, root),
         "image_rephrase": _write_image(record.image_rephrases[0], image_dir, root),
-        "loc": f"nq question: {negative.question}",
-        "loc_ans": negative.answer,
+        "loc": free.question,
+        "loc_ans": free.answer,
         "m_loc": _write_image(record.locality_images[0], image_dir, root),
         "m_loc_q": record.question,
         "m_loc_a": record.locality_answer,
@@ -73,10 +85,27 @@ def easyedit_entry(record: OkeditRecord, image_dir: Path, root: Path) -> dict[st
 
 
 def export_easyedit(records: list[OkeditRecord], folder: Path, name: str = "okedit.json") -> Path:
-    """Write `folder/name` and `folder/images/*`; return the JSON path."""
+    """Write `folder/name` and `folder/images/*`; return the JSON path.
+
+    Records without an image-free locality question have no EasyEdit `loc`: they are left
+    out of the export, with a warning naming them (records built before the field existed;
+    OK-VQA builds until their annotator writes one), instead of a `loc` that needs the
+    image."""
     image_dir = folder / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
-    entries = [easyedit_entry(r, image_dir, folder) for r in records]
+    missing = [r.item_id for r in records if r.image_free_locality is None]
+    if missing:
+        logger.warning(
+            "EasyEdit export: %d of %d records have no image-free locality question "
+            "(`image_free_locality`, EasyEdit's `loc`) and are left out: %s%s",
+            len(missing),
+            len(records),
+            ", ".join(missing[:5]),
+            ", ..." if len(missing) > 5 else "",
+        )
+    entries = [
+        easyedit_entry(r, image_dir, folder) for r in records if r.image_free_locality is not None
+    ]
     path = folder / name
     path.write_text(json.dumps(entries, indent=1, ensure_ascii=False))
     return path

@@ -52,6 +52,7 @@ _METRICS = {
         "text_locality_agreement",
         "hm",
         *GENERATION_METRICS,
+        "image_free_locality",
     )
 }
 
@@ -143,6 +144,7 @@ OKEDIT_FEATURES = Features(
         "locality_image_train_object": Value("string"),
         "locality_image_train": Image(),
         "text_negatives": List({"question": Value("string"), "answer": Value("string")}),
+        "image_free_locality": {"question": Value("string"), "answer": Value("string")},
         "provenance": List(_PROVENANCE),
         "validation": _VALIDATION,
     }

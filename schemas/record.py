@@ -49,6 +49,14 @@ class TextNegative(_Model):
     answer: str
 
 
+class ImageFreeQuestion(_Model):
+    """A self-contained question that needs no image, on a fact unrelated to the item, and
+    its answer: EasyEdit's text locality (`loc`, `loc_ans`), which it asks with no image."""
+
+    question: str
+    answer: str
+
+
 class SourceItem(_Model):
     """One knowledge-based VQA item as gathered from a source."""
 
@@ -78,6 +86,7 @@ class Annotation(_Model):
     locality_answer_train: str
     locality_image_train_object: str
     text_negatives: list[TextNegative]
+    image_free_locality: ImageFreeQuestion | None = None
     provenance: list[FieldProvenance] = Field(default_factory=list)
 
 
@@ -108,12 +117,15 @@ class EditMetrics(_Model):
     gen_image_generality: float = -1.0
     gen_locality: float = -1.0  # near-miss images answer C
     gen_text_locality: float = -1.0  # text negatives keep their answer
+    # top-1 agreement with the unedited model on the image-free question (EasyEdit's `loc`)
+    image_free_locality: float = -1.0
 
 
 class ProbeResult(_Model):
     """One probe of the scope check: where its key falls and what the model answers."""
 
-    # edit | rephrase | image_rephrase | locality | text_negative (evaluated);
+    # edit | rephrase | image_rephrase | locality | text_negative | image_free_locality
+    # (evaluated);
     # train_pos | train_neg | train_text_neg (set the radius)
     kind: str
     index: int
@@ -217,6 +229,8 @@ class OkeditRecord(_Model):
     locality_image_train_object: str
     locality_image_train: bytes
     text_negatives: list[TextNegative]
+    # EasyEdit's `loc`/`loc_ans`; None in records built before it existed
+    image_free_locality: ImageFreeQuestion | None = None
     provenance: list[FieldProvenance]
     validation: Validation = Field(default_factory=Validation)
 

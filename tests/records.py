@@ -6,7 +6,7 @@ from io import BytesIO
 
 from PIL import Image
 
-from schemas.record import FieldProvenance, OkeditRecord, TextNegative
+from schemas.record import FieldProvenance, ImageFreeQuestion, OkeditRecord, TextNegative
 
 
 def png(color: tuple[int, int, int], size: int = 48) -> bytes:
@@ -42,6 +42,9 @@ def make_record(item_id: str = "t-1", **overrides) -> OkeditRecord:
         locality_image_train_object="the flag of the netherlands",
         locality_image_train=png((0, 200, 0)),
         text_negatives=[TextNegative(question="what currency is used there?", answer="euro")],
+        image_free_locality=ImageFreeQuestion(
+            question="what is the capital of russia?", answer="moscow"
+        ),
         provenance=[FieldProvenance(field="target", backend="test", seed=1)],
     )
     fields.update(overrides)

@@ -39,8 +39,8 @@ def test_world_has_at_least_40_distinct_flags() -> None:
     names = [c.name for c in fw.COUNTRIES]
     assert len(set(names)) == len(names)
     assert fw.COUNTRY_BY_CODE["CI"].capital == "Yamoussoukro"
-    assert fw.COUNTRY_BY_CODE["CI"].currency == "CFA_franc"
-    assert fw.COUNTRY_BY_CODE["MX"].capital == "Mexico_City"
+    assert fw.COUNTRY_BY_CODE["CI"].currency == "CFA franc"
+    assert fw.COUNTRY_BY_CODE["MX"].capital == "Mexico City"
 
 
 def test_lookalike_groups_partition_the_world_and_contain_the_brief_groups() -> None:
@@ -55,36 +55,52 @@ def test_lookalike_groups_partition_the_world_and_contain_the_brief_groups() -> 
         assert all(code in fw.lookalikes(other) for other in fw.lookalikes(code))
 
 
-def test_answers_are_single_tokens_in_the_vocabulary() -> None:
+def test_answers_are_written_as_people_write_them() -> None:
     vocab = set(fw.vocabulary())
-    for country in fw.COUNTRIES:
-        for relation in fw.RELATIONS:
-            value = fw.answer(country.code, relation)
-            assert value and " " not in value
-            assert value in vocab
-    assert set(fw.COUNTERFACTUAL_CITIES) <= vocab
-    assert not set(fw.COUNTERFACTUAL_CITIES) & {c.capital for c in fw.COUNTRIES}
+    values = {fw.answer(c.code, r) for c in fw.COUNTRIES for r in fw.RELATIONS}
+    for value in values | set(fw.COUNTERFACTUAL_CITIES):
+        assert value == value.lower() and "_" not in value and value == " ".join(value.split())
+        assert set(fw.words(value)) <= vocab
+    assert {"mexico city", "us dollar", "cfa franc", "north america", "ivory coast"} <= values
+    assert fw.answer("MX", "capital") == "mexico city"
+    assert fw.answer("US", "country") == "united states"
+    assert not set(fw.COUNTERFACTUAL_CITIES) & {fw.answer(c.code, "capital") for c in fw.COUNTRIES}
+    assert "sao paulo" in fw.COUNTERFACTUAL_CITIES
     assert set(fw.CITY_CONTINENTS.values()) <= {c.continent for c in fw.COUNTRIES}
-    assert fw.answer("FR", "country") == "France"
+    assert fw.answer("FR", "country") == "france"
     with pytest.raises(KeyError, match="relation"):
         fw.answer("FR", "anthem")
     with pytest.raises(KeyError, match="XX"):
         fw.answer("XX", "capital")
 
 
-def test_vocabulary_is_sorted_deterministic_and_covers_every_template() -> None:
+def test_vocabulary_is_sorted_deterministic_and_covers_every_question() -> None:
     vocab = fw.vocabulary()
     assert vocab == sorted(set(vocab)) == fw.vocabulary()
     for table in (fw.TRAIN_TEMPLATES, fw.HELDOUT_TEMPLATES, fw.PARAPHRASE_TEMPLATES):
         for templates in table.values():
             for template in templates:
                 assert set(fw.words(template)) <= set(vocab)
+    for relation in fw.ITEM_RELATIONS:
+        for table in (fw.TEXT_TRAIN_TEMPLATES, fw.TEXT_HELDOUT_TEMPLATES):
+            for _, question, _ in fw.text_questions(relation, table):
+                assert set(fw.words(question)) <= set(vocab)
     assert fw.words("what is it?") == ["what", "is", "it", "?"]
+    assert fw.words("in peru, which city?") == ["in", "peru", ",", "which", "city", "?"]
+
+
+def _training_questions() -> list[str]:
+    """Every question the tiny VLM is trained on: the flag templates and the image-free
+    questions about named countries."""
+    flags = [t for ts in fw.TRAIN_TEMPLATES.values() for t in ts]
+    named = [q for r in fw.ITEM_RELATIONS for _, q, _ in fw.text_questions(r)]
+    return flags + named
 
 
 def test_templates_counts_style_and_disjointness() -> None:
     assert set(fw.TRAIN_TEMPLATES) == set(fw.HELDOUT_TEMPLATES) == set(fw.RELATIONS)
-    train_words = {w for ts in fw.TRAIN_TEMPLATES.values() for t in ts for w in fw.words(t)}
+    trained = _training_questions()
+    train_words = {w for q in trained for w in fw.words(q)}
     for relation in fw.RELATIONS:
         train = fw.TRAIN_TEMPLATES[relation]
         heldout = fw.HELDOUT_TEMPLATES[relation]
@@ -93,13 +109,55 @@ def test_templates_counts_style_and_disjointness() -> None:
         assert len(heldout) >= 2
         assert len(paraphrases) >= 14 and len(set(paraphrases)) == len(paraphrases)
         assert set(heldout) <= set(paraphrases)
-        assert not set(paraphrases) & set(train)
+        assert not set(paraphrases) & set(trained)
         for template in (*train, *paraphrases):
             assert template == template.lower() and template.endswith("?")
             assert "  " not in template and "{" not in template
-        # A model trained on the training templates has seen every paraphrase word.
+        # A model trained on the training questions has seen every paraphrase word.
         for template in paraphrases:
             assert set(fw.words(template)) <= train_words
+
+
+def _frame(question: str) -> str:
+    """A question with its country reference (flag phrase or named country) replaced."""
+    for phrase in fw._COUNTRY_OBJECTS:
+        question = question.replace(phrase, "{x}")
+    return question
+
+
+def test_evaluated_paraphrases_are_wordings_never_asked_about_a_flag() -> None:
+    """Issue 13: the paraphrases an item is evaluated on are no recombination of the flag
+    training templates (a new opener or object alone); beyond the held-out opener they are
+    sentence frames the model only ever saw about named countries."""
+    for relation in fw.ITEM_RELATIONS:
+        train_frames = {_frame(t) for t in fw.TRAIN_TEMPLATES[relation]}
+        openers = {f.removesuffix(" {x}?") for f in train_frames}
+        named_frames = set(fw.TEXT_TRAIN_TEMPLATES[relation])
+        heldout = set(fw.HELDOUT_TEMPLATES[relation])
+        beyond = [t for t in fw.PARAPHRASE_TEMPLATES[relation] if t not in heldout]
+        assert len(beyond) >= 16
+        for template in beyond:
+            frame = _frame(template)
+            assert frame not in train_frames  # not a training opener with another object
+            assert not any(frame.startswith(o + " ") for o in openers)
+            assert frame in named_frames  # ... but a frame learnt about named countries
+
+
+def test_image_free_questions_name_their_country() -> None:
+    assert fw.country_phrase("NL") == "the netherlands"
+    assert fw.country_phrase("CI") == "ivory coast"
+    template = fw.TEXT_TRAIN_TEMPLATES["capital"][0]
+    assert fw.text_question(template, "PE") == "what is the capital of peru?"
+    for relation in fw.ITEM_RELATIONS:
+        train = fw.TEXT_TRAIN_TEMPLATES[relation]
+        assert set(fw.TEXT_LOCALITY_TEMPLATES[relation]) <= set(train)
+        assert not set(fw.TEXT_HELDOUT_TEMPLATES[relation]) & set(train)
+        rows = fw.text_questions(relation)
+        assert len(rows) == len(train) * len(fw.COUNTRIES)
+        for code, question, value in rows:
+            assert "flag" not in question and "this" not in question
+            assert fw.country_phrase(code) in question
+            assert value == fw.answer(code, relation)
 
 
 def test_render_flag_is_clean_rgb_and_cached_safely() -> None:
@@ -180,7 +238,7 @@ def test_source_loads_items_and_rejects_unknown_ids() -> None:
     assert item.source == "flagworld" and item.question_id == item.item_id
     assert item.image_id == "FR" and item.question_type == "capital"
     assert item.question == fw.TRAIN_TEMPLATES["capital"][0]
-    assert item.answers == ["Paris"] * 10
+    assert item.answers == ["paris"] * 10
     assert item.image == fw.to_png(fw.render_flag("FR"))
     reasons = []
     for rejection in results[1:]:

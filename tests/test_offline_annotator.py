@@ -60,7 +60,8 @@ def test_answers_target_and_locality_constraints(items, results) -> None:
         answers = set(item.answers)
         group_answers = {fw.answer(c, relation) for c in [code, *fw.lookalikes(code)]}
         assert ann.target not in group_answers
-        assert ann.target in fw.vocabulary()
+        assert set(fw.words(ann.target)) <= set(fw.vocabulary())
+        assert ann.target == ann.target.lower() and "_" not in ann.target
         assert ann.locality_answer not in answers | {ann.target}
         assert ann.locality_answer_train not in answers | {ann.target, ann.locality_answer}
         near = fw.country_for_object(ann.locality_image_object)
@@ -76,8 +77,9 @@ def test_capital_targets_stay_on_the_continent(items, results) -> None:
         if item.question_type != "capital":
             continue
         continent = fw.COUNTRY_BY_CODE[item.image_id].continent
-        capitals = {c.capital: c.continent for c in fw.COUNTRIES}
-        assert {**fw.CITY_CONTINENTS, **capitals}[ann.target] == continent
+        cities = {city.lower(): cont for city, cont in fw.CITY_CONTINENTS.items()}
+        capitals = {fw.answer(c.code, "capital"): c.continent for c in fw.COUNTRIES}
+        assert {**cities, **capitals}[ann.target] == continent
 
 
 def test_rephrases_are_disjoint_and_never_the_question(items, results) -> None:
@@ -105,6 +107,27 @@ def test_text_negatives_ask_other_relations_of_the_same_flag(items, results) -> 
     assert "what is the currency of the country with this flag?" in {
         n.question for n in ann.text_negatives
     }
+
+
+def test_image_free_locality_asks_about_another_named_country(items, results) -> None:
+    """EasyEdit's `loc`: self-contained, no image needed, another country's fact."""
+    accepted = _accepted(items, results)
+    for item, ann in accepted:
+        free = ann.image_free_locality
+        assert free is not None
+        params = json.loads(
+            next(p for p in ann.provenance if p.field == "image_free_locality").params
+        )
+        country, relation = params["country"], params["relation"]
+        assert country not in (item.image_id, *fw.lookalikes(item.image_id))
+        assert free.question == fw.text_question(params["template"], country)
+        assert params["template"] in fw.TEXT_LOCALITY_TEMPLATES[relation]
+        assert free.answer == fw.answer(country, relation)
+        assert free.answer not in {*item.answers, ann.target}
+        assert "flag" not in free.question and "this" not in free.question
+    # The demo's first 35 items: a different question nearly every time.
+    questions = [a.image_free_locality.question for _, a in accepted[:35]]
+    assert len(set(questions)) >= 30
 
 
 def test_provenance_one_entry_per_generated_field(items, results) -> None:

@@ -62,12 +62,16 @@ def test_easyedit_export_has_11_nonempty_fields_and_resolvable_images(tmp_path: 
     entries = json.loads(path.read_text())
     assert len(entries) == 2
     for entry in entries:
-        assert tuple(entry) == EASYEDIT_FIELDS
+        assert tuple(entry) == ("item_id", *EASYEDIT_FIELDS)
         assert all(isinstance(v, str) and v.strip() for v in entry.values())
         for key in ("image", "image_rephrase", "m_loc"):
             assert not Path(entry[key]).is_absolute()
             Image.open(path.parent / entry[key]).verify()
-    assert entries[0]["loc"].startswith("nq question: ")
+    # EasyEdit's `loc`: the image-free question, as written (no "nq question: " prefix)
+    assert (entries[0]["loc"], entries[0]["loc_ans"]) == (
+        "what is the capital of russia?",
+        "moscow",
+    )
 
 
 def test_stats_frame_counts():

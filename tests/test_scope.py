@@ -17,7 +17,8 @@ from pipeline.validate import validate_records
 from schemas.record import CheckReason, ItemCheck, OkeditRecord, ProbeResult, Validation
 from tests.records import make_record
 
-N_PROBES = 1 + 10 + 10 + 1 + 1 + 2  # edit, rephrases, image rephrases, locality, text neg, train
+N_PROBES = 1 + 10 + 10 + 1 + 1 + 1 + 2  # edit, rephrases, image rephrases, locality, text neg,
+# image-free locality, train
 
 
 def _corpus(record: OkeditRecord) -> list[str]:

@@ -15,15 +15,12 @@ from pipeline.offline_annotator import FlagworldAnnotator
 from pipeline.sources.flagworld import FlagworldSource
 from schemas.record import OkeditRecord, Rejection
 
-N_ITEMS = 6  # the 6th (NL -> Riga) does not stop without `edit_eos`
+N_ITEMS = 6
 
 
-@pytest.fixture(scope="module")
-def records() -> list[OkeditRecord]:
+def _records(ids: list[str]) -> list[OkeditRecord]:
     source = FlagworldSource(relations=("capital",))
-    items = [
-        i for i in source.load_items(source.list_ids(N_ITEMS, 0)) if not isinstance(i, Rejection)
-    ]
+    items = [i for i in source.load_items(ids) if not isinstance(i, Rejection)]
     annotations = [
         a for a in FlagworldAnnotator(seed=0).annotate(items) if not isinstance(a, Rejection)
     ]
@@ -32,8 +29,13 @@ def records() -> list[OkeditRecord]:
     built, _ = build_records(
         items, annotations, [i for i in images if not isinstance(i, Rejection)]
     )
-    assert len(built) == N_ITEMS
+    assert len(built) == len(ids)
     return built
+
+
+@pytest.fixture(scope="module")
+def records() -> list[OkeditRecord]:
+    return _records(FlagworldSource(relations=("capital",)).list_ids(N_ITEMS, 0))
 
 
 @pytest.fixture(scope="module")
@@ -76,18 +78,24 @@ def test_reference_key_is_ambiguous_only_across_families(records, tiny) -> None:
         assert "text_negative" in validation.reason.split(";")[0]
 
 
-def test_without_the_stop_token_edited_answers_repeat(records, tiny) -> None:
-    """The paper's objective trains the target tokens only: a routed sequence then keeps
-    producing the target (measured: 30 % of 20 capital edits)."""
+def test_without_the_stop_token_edited_answers_repeat(tiny) -> None:
+    """The paper's objective trains the target tokens only: a routed sequence may then keep
+    producing the target (measured: 30 % of 20 capital edits with the first tiny VLM; 3 of
+    the 46 with the flagworld-2 model, which learnt to stop after multi-word answers: UA ->
+    hamburg, EC and VE -> sao paulo)."""
+    records = _records(["flagworld-UA-capital", "flagworld-EC-capital", "flagworld-FR-capital"])
     settings = ValidateSettings(editor={"edit_eos": False})
     editor = make_editor(tiny, settings.editor_settings())
     answers = [validate_record(r, editor).probes[0].post_answer for r in records]
     stopping = ValidateSettings().editor_settings()
     editor = make_editor(tiny, stopping)
     stopped = [validate_record(r, editor).probes[0].post_answer for r in records]
-    assert all(a.split()[0] == s for a, s in zip(answers, stopped, strict=True))
-    assert all(len(s.split()) == 1 for s in stopped)
-    assert any(len(a.split()) > 1 for a in answers)  # some did not stop
+    assert [normalize_answer(s) for s in stopped] == [normalize_answer(r.target) for r in records]
+    assert all(a.startswith(s) for a, s in zip(answers, stopped, strict=True))
+    lengths = [
+        (len(a.split()), len(r.target.split())) for a, r in zip(answers, records, strict=True)
+    ]
+    assert any(n > m for n, m in lengths)  # some did not stop
 
 
 def test_resolved_editor_settings_define_the_build(monkeypatch) -> None:

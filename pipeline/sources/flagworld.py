@@ -5,8 +5,10 @@ checked against a model that really knows its facts.
 
 - `COUNTRIES`: 46 national flags drawn with Pillow from a declarative spec (stripes,
   rectangles, discs, stars, Nordic crosses) with real aspect ratios, and a knowledge table
-  of public facts (capital, continent, currency, language). Multi-word values are single
-  tokens joined with underscores (`Mexico_City`, `South_America`, `CFA_franc`).
+  of public facts (capital, continent, currency, language), written as names are
+  ("Mexico City", "CFA franc"). `answer()` gives them as VQA answers are written: lower
+  case, words separated by spaces ("mexico city", "us dollar"), so an answer can take
+  several tokens of the tiny VLM's word-level tokenizer.
 - `LOOKALIKE_GROUPS` partitions the flags into groups of near-misses (Italy/Ireland/Mexico/
   Côte d'Ivoire/Nigeria, the Nordic crosses, Japan/Bangladesh/Palau, ...). Look-alikes keep
   their real, slightly different colours and aspect ratios so that a tiny model can still
@@ -16,22 +18,32 @@ checked against a model that really knows its facts.
 
 Questions and paraphrases
 -------------------------
-Every question of a relation is "<opener> <object>?" over a 5 x 4 grid of openers ("what is
-the capital of", "name the capital of", ...) and objects ("the country with this flag",
-"the nation with this flag", ...). `TRAIN_TEMPLATES` are the 4 diagonal cells (opener i with
-object i), so training sees every object phrase and 4 of the 5 openers; the 5th opener is
-made only of words that occur in training templates (checked by the tests). The other 16
-cells are `PARAPHRASE_TEMPLATES` (disjoint from training; the first 2 are the
-`HELDOUT_TEMPLATES`). A model trained on the training templates only has therefore seen
-every word and every phrase of every paraphrase, just not in that combination, so it should
-answer most paraphrases: this is what "text generality" can measure on the tiny model.
-The annotator takes an item's question from the training templates, the editor's
-`rephrases_train` from the other training templates, and the 10 eval `rephrases` from the
-paraphrase templates, which keeps them disjoint by construction.
+A flag question is "<opener> <object>?" over a 5 x 4 grid of openers ("what is the capital
+of", "name the capital of", ...) and objects ("the country with this flag", "the nation with
+this flag", ...). `TRAIN_TEMPLATES` are the 4 diagonal cells (opener i with object i);
+`HELDOUT_TEMPLATES` the 5th opener (made of training words) with objects 0 and 1: the
+accuracy bar of the tiny VLM.
+
+Image-free questions name their country ("what is the capital of peru?",
+`TEXT_TRAIN_TEMPLATES`: the 4 training openers and 5 sentence frames of another shape,
+"{x} has which capital?", "in {x}, which city is the capital?", ...). They are facts of the
+world too: the tiny VLM is trained on them, and the annotator draws an item's image-free
+locality question (EasyEdit's `loc`) from them (`TEXT_LOCALITY_TEMPLATES`).
+
+`PARAPHRASE_TEMPLATES` (the evaluated rephrases) are the held-out cells and those sentence
+frames about the flag ("the country with this flag has which capital?"): wordings never
+asked about a flag in training, whose frame the model only saw about named countries. So
+text generality measures whether an edit reaches a new wording, not a recombination of
+training phrases (the relation "country", which has no named form, keeps the off-diagonal
+grid cells). The annotator takes an item's question from the training templates, the
+editor's `rephrases_train` from the other training templates, and the 10 eval `rephrases`
+from the paraphrase templates (held-out ones first), which keeps them disjoint by
+construction.
 
 Questions are lower-case words separated by single spaces, with "?" attached to the last
-word as in OK-VQA; `words()` splits the "?" off as its own token, and `vocabulary()` is the
-sorted word list of every template, every answer and `COUNTERFACTUAL_CITIES` (edit targets).
+word as in OK-VQA; `words()` splits "?" and "," off as words of their own, and
+`vocabulary()` is the sorted word list of every question, every answer and
+`COUNTERFACTUAL_CITIES` (edit targets).
 """
 
 from __future__ import annotations
