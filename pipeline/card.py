@@ -73,10 +73,12 @@ def validation_table(records: list[OkeditRecord]) -> str:
         "image_generality",
         "locality_label",
         "text_locality_label",
+        "image_free_locality",
         "hm",
     ]
     measured = frame.filter(pl.col("reliability") >= 0)
-    means = measured.select([pl.col(c).mean().alias(c) for c in metric_cols])
+    # -1 marks a metric the item has no probe for (e.g. no image-free question)
+    means = measured.select([pl.col(c).filter(pl.col(c) >= 0).mean().alias(c) for c in metric_cols])
     generated = frame.filter(pl.col("gen_reliability") >= 0)
     gen_means = generated.select(
         [pl.col(c).mean().alias(c.removeprefix("gen_")) for c in GENERATION_METRICS]
@@ -131,6 +133,7 @@ PLOT_FAMILIES = {
     "image_rephrase": "tab:cyan",
     "locality": "tab:red",
     "text_negative": "tab:orange",
+    "image_free_locality": "tab:purple",
 }
 
 

@@ -233,6 +233,7 @@ POLARS_STATS_SCHEMA = pl.Schema(
         "image_generality": pl.Float64,
         "locality_label": pl.Float64,
         "text_locality_label": pl.Float64,
+        "image_free_locality": pl.Float64,
         "hm": pl.Float64,
         **{name: pl.Float64 for name in GENERATION_METRICS},
     }
@@ -258,6 +259,7 @@ def stats_frame(records: list[OkeditRecord]) -> pl.DataFrame:
             "image_generality": r.validation.metrics.image_generality,
             "locality_label": r.validation.metrics.locality_label,
             "text_locality_label": r.validation.metrics.text_locality_label,
+            "image_free_locality": r.validation.metrics.image_free_locality,
             "hm": r.validation.metrics.hm,
             **{name: getattr(r.validation.metrics, name) for name in GENERATION_METRICS},
         }
