@@ -123,6 +123,22 @@ def first_error(exc: ValidationError, default_where: str = "setting") -> str:
     return f"{where}: {first['msg'].removeprefix('Value error, ')}"
 
 
+def weights_identity(model: str, whole_below: int = 256 * 2**20) -> str:
+    """A local model folder by the hash of its config and weights (files larger than
+    `whole_below` by their size and first MiB: hashing GBs per build costs too much); a Hub
+    id stands for itself."""
+    folder = Path(model)
+    if not folder.is_dir():
+        return model
+    digest = hashlib.sha256()
+    for path in sorted([*folder.glob("config.json"), *folder.glob("*.safetensors")]):
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            data = handle.read() if size < whole_below else handle.read(2**20)
+        digest.update(f"{path.name}:{size}:".encode() + data)
+    return digest.hexdigest()[:16]
+
+
 TINY_MODEL = "tiny-flagworld"  # the VLM shipped in editors/assets, trained on the flagworld
 
 
@@ -192,6 +208,14 @@ class ValidateSettings(BaseModel):
                 update={"prompt_template": AUTHORS_BLIP2_TEMPLATE, "text_bos": False}
             )
         return config
+
+    def weights(self) -> str:
+        """`weights_identity` of the validation model ("missing" before it exists: preflight
+        says what to do about that)."""
+        try:
+            return weights_identity(self.model_settings().model)
+        except FileNotFoundError:
+            return "missing"
 
     def family(self) -> str:
         """The model's adapter family, read without loading the model."""
@@ -273,6 +297,12 @@ class BuildConfig(BaseModel):
         if self.validation.enabled:
             resolved = self.validation.editor_settings().model_dump(mode="json")
             described["validation"]["resolved_editor"] = resolved
+            # new weights under the same name (a retrained tiny VLM) are a new build
+            described["validation"]["weights"] = self.validation.weights()
+        if self.annotator.kind == "offline":
+            from pipeline.offline_annotator import FlagworldAnnotator
+
+            described["annotator"]["offline_version"] = FlagworldAnnotator.version
         return redact_secrets(described)  # credentials in URLs (user:key@, ?api-key=)
 
     def fingerprint(self) -> str:
