@@ -62,12 +62,12 @@ from PIL import Image  # noqa: E402
 from editors.adapters import VLMAdapter, load_model  # noqa: E402
 from editors.config import EditorConfig, ModelConfig  # noqa: E402
 from editors.metrics import normalize_answer  # noqa: E402
-from editors.scope import training_text_negative  # noqa: E402
 from pipeline.build import build_records  # noqa: E402
 from pipeline.config import ValidateSettings  # noqa: E402
 from pipeline.images import RenderBackend  # noqa: E402
 from pipeline.offline_annotator import FlagworldAnnotator  # noqa: E402
 from pipeline.quality import majority_answer  # noqa: E402
+from pipeline.scope import training_text_negative  # noqa: E402
 from pipeline.sources import flagworld as fw  # noqa: E402
 from pipeline.sources.flagworld import FlagworldSource  # noqa: E402
 from pipeline.validate import validate_records  # noqa: E402
@@ -614,7 +614,7 @@ def code_version() -> dict[str, str]:
     head = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
     ).stdout.strip()
-    files = ("pipeline/check.py", "pipeline/validate.py", "editors/scope.py")
+    files = ("pipeline/check.py", "pipeline/validate.py", "pipeline/scope.py")
     return {"commit": head} | {
         f: hashlib.sha256((root / f).read_bytes()).hexdigest()[:12] for f in files
     }

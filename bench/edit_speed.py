@@ -218,7 +218,7 @@ def profile_item(adapter: Any, editor: Any, record: Any, shares_prefix: bool) ->
     """Seconds per stage of one fast-path item: inputs, the clean capture (vision tower,
     Q-Former and each language-model forward, by shape, inside it), the edit, the pre and
     post logits."""
-    from editors.scope import RADIUS_KINDS, build_probes
+    from pipeline.scope import RADIUS_KINDS, build_probes
 
     times: dict[str, float] = {}
     forwards: list[dict[str, Any]] = []
@@ -297,7 +297,7 @@ def run_path(
     torch.set_num_threads(threads)
     from editors.adapters.random_models import random_adapter
     from editors.config import EditorConfig
-    from editors.scope import make_editor, validate_record
+    from pipeline.scope import make_editor, validate_record
 
     spec = MODELS[model]
     start = time.perf_counter()

@@ -38,7 +38,7 @@ def _timed(run: Callable[[], Any]) -> tuple[Any, float]:
 def time_item(editor: Any, record: Any) -> dict[str, Any]:
     """Both ways of answering every probe of one item, before and after its edit."""
     from editors.decoding import greedy_answers
-    from editors.scope import answer_tokens, build_probes, edit_request
+    from pipeline.scope import answer_tokens, build_probes, edit_request
 
     adapter, config = editor.adapter, editor.config
     probes = build_probes(record, config)
@@ -70,7 +70,7 @@ def time_item(editor: Any, record: Any) -> dict[str, Any]:
 
 
 def bench_model(name: str, items: int) -> dict[str, Any]:
-    from editors.scope import make_editor
+    from pipeline.scope import make_editor
 
     if name == "tiny-flagworld":
         adapter, records, config = _flagworld(items)

@@ -55,8 +55,8 @@ from bench.tradeoff import flagworld_records  # noqa: E402
 from editors.adapters import load_model  # noqa: E402
 from editors.adapters.random_models import random_adapter  # noqa: E402
 from editors.config import EditorConfig  # noqa: E402
-from editors.scope import make_editor, validate_record  # noqa: E402
 from pipeline.config import ValidateSettings  # noqa: E402
+from pipeline.scope import make_editor, validate_record  # noqa: E402
 
 SHAPES: dict[str, dict[str, Any]] = {
     "opt2.7b": {

@@ -38,10 +38,10 @@ from editors.adapters import load_model
 from editors.codebook import pairwise_distance, pool_keys
 from editors.config import KEY_VARIANTS, EditorConfig, ModelConfig
 from editors.metrics import harmonic_mean
-from editors.scope import build_probes, make_editor, validate_record
 from pipeline.build import build_records
 from pipeline.images import RenderBackend
 from pipeline.offline_annotator import FlagworldAnnotator
+from pipeline.scope import build_probes, make_editor, validate_record
 from pipeline.sources import flagworld as fw
 from pipeline.sources.flagworld import FlagworldSource
 from pipeline.tiny_model import default_model_dir

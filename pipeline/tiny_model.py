@@ -30,7 +30,6 @@ from PIL import Image
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 import editors
-from editors.scope import image_free_image
 from editors.tiny_vlm import (
     DEFAULT_PROMPT_TEMPLATE,
     IMAGE,
@@ -43,6 +42,7 @@ from editors.tiny_vlm import (
     save_tiny_vlm,
     train_loop,
 )
+from pipeline.scope import image_free_image
 from pipeline.sources import flagworld as fw
 
 METRICS_FILE = "metrics.json"
@@ -50,7 +50,7 @@ EVAL_SEED = 12345  # fresh renders: never the training pool's stream (seeds 0..9
 IMAGE_SIZE = 64
 TARGETS = {"train_templates": 0.95, "heldout_templates": 0.90}  # issue 3, part 4
 # How an image-free question is shown: no image tokens at all (EasyEdit's `loc` batch), the
-# grey stand-in the validate stage uses (`editors.scope.image_free_image`), or a random flag.
+# grey stand-in the validate stage uses (`pipeline.scope.image_free_image`), or a random flag.
 TEXT_IMAGE_MODES = ("none", "blank", "flag")
 
 

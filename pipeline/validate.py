@@ -15,7 +15,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from editors.adapters import VLMAdapter, load_model
 from editors.base import Editor
 from editors.config import EditorConfig, ModelConfig
-from editors.scope import NEGATIVE_KINDS, POSITIVE_KINDS, make_editor, validate_record
 from pipeline.check import (
     CheckConfig,
     Similarity,
@@ -24,6 +23,7 @@ from pipeline.check import (
     reindexed,
     without_probes,
 )
+from pipeline.scope import NEGATIVE_KINDS, POSITIVE_KINDS, make_editor, validate_record
 from schemas.record import (
     EditSummary,
     FamilyScope,

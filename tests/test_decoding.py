@@ -16,7 +16,7 @@ from editors.config import EditorConfig
 from editors.decoding import greedy_answers
 from editors.ft import FineTune
 from editors.grace import Grace
-from editors.scope import keeps_kv
+from pipeline.scope import keeps_kv
 from tests.edit_paths import (
     BLUE,
     CORPUS,

@@ -14,8 +14,8 @@ from editors.adapters.random_models import random_adapter
 from editors.balancedit import BalancEdit
 from editors.codebook import SPLIT_MARGIN, Codebook, balanced_radius, distance, pool_keys
 from editors.config import KEY_VARIANTS, EditorConfig
-from editors.scope import build_probes, edit_request, make_editor, validate_record
 from pipeline.card import render_card
+from pipeline.scope import build_probes, edit_request, make_editor, validate_record
 from schemas.record import OkeditRecord, TextNegative
 from tests.records import make_record
 

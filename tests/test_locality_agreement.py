@@ -12,7 +12,7 @@ from torch import Tensor
 from editors.adapters import VLMAdapter
 from editors.adapters.random_models import random_adapter
 from editors.config import EditorConfig
-from editors.scope import (
+from pipeline.scope import (
     build_probes,
     edit_request,
     make_editor,

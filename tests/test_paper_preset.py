@@ -22,13 +22,13 @@ from editors.adapters.base import ImageLike
 from editors.adapters.random_models import random_adapter
 from editors.base import EditOutcome
 from editors.config import EditorConfig, differences_from_authors, is_authors_settings
-from editors.scope import edit_request, make_editor
 from pipeline.build import build_records
 from pipeline.cli import app
 from pipeline.config import BuildConfig, ValidateSettings
 from pipeline.images import RenderBackend
 from pipeline.offline_annotator import FlagworldAnnotator
 from pipeline.revalidate import read_folder
+from pipeline.scope import edit_request, make_editor
 from pipeline.sources.flagworld import FlagworldSource
 from pipeline.tiny_model import default_model_dir
 from schemas.record import OkeditRecord, Rejection

@@ -11,8 +11,8 @@ from editors.adapters import VLMAdapter
 from editors.adapters.random_models import random_adapter
 from editors.config import EditorConfig, ModelConfig
 from editors.metrics import generation_exact_match
-from editors.scope import build_probes, make_editor, validate_record, verdict
 from pipeline.check import filter_by_check
+from pipeline.scope import build_probes, make_editor, validate_record, verdict
 from pipeline.validate import validate_records
 from schemas.record import CheckReason, ItemCheck, OkeditRecord, ProbeResult, Validation
 from tests.records import make_record

@@ -140,8 +140,8 @@ def test_shipped_model_answers_image_free_questions_and_stops():
     """The image-free locality questions of the demo's items (EasyEdit's `loc`): answered
     with no image at all and on the grey stand-in the validate stage shows; greedy
     generation of a two-word answer stops after it."""
-    from editors.scope import image_free_image
     from pipeline.offline_annotator import FlagworldAnnotator
+    from pipeline.scope import image_free_image
     from pipeline.sources import flagworld as fw
     from pipeline.tiny_model import default_model_dir
 
@@ -195,10 +195,10 @@ def test_validation_measures_the_image_free_locality_probe():
     negative probe, and reports its top-1 agreement as `image_free_locality`."""
     from editors.adapters import load_model
     from editors.config import EditorConfig, ModelConfig
-    from editors.scope import make_editor, validate_record
     from pipeline.build import build_records
     from pipeline.images import RenderBackend
     from pipeline.offline_annotator import FlagworldAnnotator
+    from pipeline.scope import make_editor, validate_record
     from pipeline.sources.flagworld import FlagworldSource
     from pipeline.tiny_model import default_model_dir
 

@@ -7,11 +7,11 @@ import torch
 
 from editors.adapters import VLMAdapter, load_model
 from editors.metrics import normalize_answer
-from editors.scope import make_editor, validate_record
 from pipeline.build import build_records
 from pipeline.config import ValidateSettings
 from pipeline.images import RenderBackend
 from pipeline.offline_annotator import FlagworldAnnotator
+from pipeline.scope import make_editor, validate_record
 from pipeline.sources.flagworld import FlagworldSource
 from schemas.record import OkeditRecord, Rejection
 
