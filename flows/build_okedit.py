@@ -39,6 +39,7 @@ from flows.validate_shard import report_path  # noqa: E402
 from pipeline import stages  # noqa: E402
 from pipeline.config import BuildConfig  # noqa: E402
 from pipeline.llm import redact_secrets  # noqa: E402
+from pipeline.sources import input_hashes  # noqa: E402
 from pipeline.work import WorkDir  # noqa: E402
 
 # Stages that can take long enough to watch in the UI (LLM calls, image models, edits).
@@ -108,7 +109,7 @@ def build_okedit(
     overrides = {"source": source, "limit": limit, "seed": seed, "out": out, "repo_id": repo_id}
     cfg = _apply_overrides(config, overrides)
     work = WorkDir(cfg.out)
-    resumed = work.claim(cfg.fingerprint(), cfg.describe())
+    resumed = work.claim(cfg.fingerprint(), cfg.describe(), input_hashes(cfg.source))
     with work.lock(), _own_sigterm():
         return _build(cfg, resumed)
 
@@ -236,7 +237,13 @@ def _build(cfg: BuildConfig, resumed: bool) -> dict:
     logger = get_run_logger()
     logger.info("%d items in %d chunks%s", len(ids), len(chunks), " (resuming)" if resumed else "")
     config_json, build = cfg.model_dump_json(), tasks.build_token(cfg.out)
-    indexed = [(config_json, build, i) for i in range(len(chunks))]
+
+    def indexed(stage: str) -> list[tuple]:  # read when the stage starts: see chunk_revision
+        return [
+            (config_json, build, i, tasks.chunk_revision(cfg.out, stage, i))
+            for i in range(len(chunks))
+        ]
+
     # Artifact calls leave the flow's thread; leaving this block waits for the last one.
     with tasks.ArtifactSender() as artifacts:
         # bars move when chunks finish: 2 redraws a second, not rich's 10 (each costs CPU)
@@ -244,12 +251,13 @@ def _build(cfg: BuildConfig, resumed: bool) -> dict:
             gather_args = [(config_json, build, i, c) for i, c in enumerate(chunks)]
             _run_stage("gather", tasks.gather, gather_args, progress, True, artifacts)
             for name in ("annotate", "images", "assemble"):
-                _run_stage(name, tasks.CHUNK_TASKS[name], indexed, progress, True, artifacts)
+                _run_stage(name, tasks.CHUNK_TASKS[name], indexed(name), progress, True, artifacts)
             if cfg.scale.validate_deployment and cfg.validation.enabled:
                 shards = _validate_sharded(cfg, len(chunks), progress, artifacts)
             else:
                 # one model per process; the edits themselves use all cores
-                _run_stage("validate", tasks.validate, indexed, progress, False, artifacts)
+                validate_args = indexed("validate")
+                _run_stage("validate", tasks.validate, validate_args, progress, False, artifacts)
                 shards = []
         summary = tasks.publish_local(config_json, len(chunks), len(ids))
         if cfg.publish.repo_id:
@@ -365,7 +373,13 @@ def _report(summary: dict, artifacts: tasks.ArtifactSender) -> None:
         key="okedit-summary",
         markdown=(
             f"# OKEDIT build\n\n{counts['in']} in, {counts['published']} published, "
-            f"{counts['rejected']} rejected.\n\nCard: `{summary['paths']['card']}`"
+            f"{counts['rejected']} rejected"
+            + (
+                f", {counts['deferred']} deferred (a re-run retries them)"
+                if "deferred" in counts
+                else ""
+            )
+            + f".\n\nCard: `{summary['paths']['card']}`"
             + (f"\n\nHub: {hub['commit_url']}" if hub else "")
             + f"\n\nFlow run: `{runtime.flow_run.name}`"
         ),

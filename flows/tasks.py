@@ -15,6 +15,7 @@ import contextvars
 import json
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
@@ -27,6 +28,7 @@ from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 
 from pipeline import stages
 from pipeline.config import BuildConfig
+from pipeline.work import WorkDir
 
 # Not the default policy: it adds RUN_ID, which never hits across runs (design §10).
 CHUNK_CACHE = INPUTS + TASK_SOURCE
@@ -43,12 +45,17 @@ PERMANENT_OS_ERRORS = (
 
 def is_transient(exc: BaseException) -> bool:
     """True for errors worth a retry: connection/timeouts, other OSErrors (flaky disks,
-    network file systems) and HTTP 429/5xx; never for config errors, bad values or 4xx."""
+    network file systems) and HTTP 429/5xx; never for config errors, bad values or 4xx.
+    A bare OSError that wraps another error (transformers re-raises the Hub's "no such
+    model" or "not in the cache offline" that way) is what the wrapped error is."""
     status = getattr(getattr(exc, "response", None), "status_code", None)
     if isinstance(status, int):  # requests/httpx/huggingface_hub HTTP errors
         return status == 429 or status >= 500
     if isinstance(exc, PERMANENT_OS_ERRORS):
         return False
+    cause = exc.__cause__
+    if type(exc) is OSError and exc.errno is None and cause is not None and cause is not exc:
+        return is_transient(cause)
     return isinstance(exc, (ConnectionError, TimeoutError, OSError))
 
 
@@ -87,7 +94,22 @@ def build_token(out: Path) -> str:
     return f"{stat.st_ino}-{stat.st_mtime_ns}"
 
 
-# `build` is unused in the bodies on purpose: it is part of each cache key (see build_token).
+def chunk_revision(out: Path, stage: str, index: int) -> str:
+    """The state of a chunk's inputs that a task's cache key needs besides its arguments.
+
+    An annotate chunk with deferred items (transient LLM failures) is not final: its task
+    gets a key of its own each run, so the stage retries those items. When that rewrites
+    the chunk, the later stages' key (the annotate marker's identity) changes with it, and
+    they run again for the chunk (their markers were removed by the rewrite)."""
+    work = WorkDir(out)
+    if stage == "annotate":
+        pending = work.is_done("annotate", index) and not work.is_final("annotate", index)
+        return f"retry-{uuid.uuid4().hex}" if pending else ""
+    return work.marker_token("annotate", index)
+
+
+# `build` and `revision` are unused in the bodies on purpose: they are part of each cache key
+# (see build_token, chunk_revision).
 
 
 @chunk_task("gather")
@@ -96,22 +118,22 @@ def gather(config_json: str, build: str, index: int, ids: list[str]) -> dict[str
 
 
 @chunk_task("annotate")
-def annotate(config_json: str, build: str, index: int) -> dict[str, int]:
+def annotate(config_json: str, build: str, index: int, revision: str = "") -> dict[str, int]:
     return stages.annotate_chunk(config_of(config_json), index)
 
 
 @chunk_task("images")
-def images(config_json: str, build: str, index: int) -> dict[str, int]:
+def images(config_json: str, build: str, index: int, revision: str = "") -> dict[str, int]:
     return stages.images_chunk(config_of(config_json), index)
 
 
 @chunk_task("assemble")
-def assemble(config_json: str, build: str, index: int) -> dict[str, int]:
+def assemble(config_json: str, build: str, index: int, revision: str = "") -> dict[str, int]:
     return stages.assemble_chunk(config_of(config_json), index)
 
 
 @chunk_task("validate")
-def validate(config_json: str, build: str, index: int) -> dict[str, int]:
+def validate(config_json: str, build: str, index: int, revision: str = "") -> dict[str, int]:
     return stages.validate_chunk(config_of(config_json), index)
 
 

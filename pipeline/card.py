@@ -308,6 +308,11 @@ def llm_section(llm: dict | None, items_in: int) -> str:
     return "## Annotation cost\n\n" + table + "\n"
 
 
+def _deferred(counts: dict) -> str:
+    n = counts.get("deferred", 0)
+    return f", {n} deferred (failed only on 429/5xx/timeouts: a re-run asks again)" if n else ""
+
+
 def _yaml_header(source: str, n: int) -> str:
     size = "n<1K" if n < 1000 else "1K<n<10K"
     return f"""---
@@ -378,7 +383,7 @@ questions that it **should not** reach (locality). It follows BalancEdit (Guo et
 
 ## Counts
 
-{counts["in"]} items in, {counts["published"]} published, {counts["rejected"]} rejected.
+{counts["in"]} items in, {counts["published"]} published, {counts["rejected"]} rejected{_deferred(counts)}.
 
 Per question type / relation:
 

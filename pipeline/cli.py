@@ -70,8 +70,10 @@ def _run_build(cfg_kwargs: dict) -> dict:
     except ValidationError as exc:
         _fail(_friendly(exc))
     _check_writable(cfg.out)
+    from pipeline.sources import input_hashes
+
     try:
-        WorkDir(cfg.out).check(cfg.fingerprint())
+        WorkDir(cfg.out).check(cfg.fingerprint(), input_hashes(cfg.source))
     except BuildExistsError as exc:
         _fail(str(exc))
     from pipeline.llm import LLMFatalError
@@ -139,6 +141,9 @@ class _Stopper:
         # installed even where the shell ignores SIGINT (a background job)
         import flows.build_okedit as build_flow
 
+        if threading.current_thread() is not threading.main_thread():
+            yield self  # signals reach the main thread only (a build called from a thread)
+            return
         stops = (signal.SIGINT, signal.SIGTERM)
         previous = {sig: signal.signal(sig, self._handle) for sig in stops}
         build_flow.SIGTERM_HANDLER = self._handle  # Prefect's run swaps SIGTERM
@@ -197,7 +202,10 @@ def _print_summary(summary: dict) -> None:
         table.add_row(stage, str(counts["ok"]), str(counts["rejected"]))
     console.print(table)
     c = summary["counts"]
-    console.print(f"{c['in']} items in = {c['published']} published + {c['rejected']} rejected")
+    line = f"{c['in']} items in = {c['published']} published + {c['rejected']} rejected"
+    if c.get("deferred"):
+        line += f" + {c['deferred']} deferred (transient failures: re-run to retry them)"
+    console.print(line)
     paths = summary["paths"]
     console.print(f"dataset: [bold]{paths['data']}[/]")
     console.print(f"card:    [bold]{paths['card']}[/]")
@@ -206,8 +214,35 @@ def _print_summary(summary: dict) -> None:
         console.print(f"plot:    {paths['plot']}")
 
 
-EDITOR_HELP = "balancedit | grace | ft"
-KEY_HELP = "routing key: last_prompt (default) | reference (the paper's) | question | two_part"
+# Every accepted value of the options that take one of a few, as the config's Literal types
+# spell them (SourceName, ImageBackendName, EditorName, KeyVariant, EditorPreset, FilterMode,
+# ...; tests/test_fail_early.py keeps the two equal). Listed in --help; a value outside them
+# is refused by the config in one line.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "source": ("flagworld", "okvqa-hub", "okvqa-files"),
+    "annotator": ("offline", "llm"),
+    "device": ("auto", "cpu", "cuda"),
+    "editor": ("balancedit", "grace", "ft"),
+    "key_variant": ("last_prompt", "reference", "question", "two_part", "two_part_last"),
+    "editor_preset": ("default", "paper"),
+    "filter": ("none", "unsound", "model-gap"),
+    "image_backend": ("render", "openai", "diffusers", "retrieve"),
+}
+
+
+def one_of(option: str) -> str:
+    return " | ".join(CHOICES[option])
+
+
+SOURCE_HELP = f"{one_of('source')} (okvqa-hub: --okvqa-parquet or the Hub)"
+ANNOTATOR_HELP = f"{one_of('annotator')} (offline: flagworld only)"
+DEVICE_HELP = one_of("device")
+IMAGE_BACKEND_HELP = f"{one_of('image_backend')} (render: flagworld only)"
+EDITOR_HELP = one_of("editor")
+KEY_HELP = (
+    "routing key: last_prompt (default) | reference (the paper's) | question | two_part | "
+    "two_part_last (two_part*: BalancEdit only)"
+)
 ALPHA_HELP = "BalancEdit's α: weight of d(k, k_pos) in the radius"
 GENERATE_HELP = "also score greedy answers before/after each edit (slow on CPU)"
 PRESET_HELP = (
@@ -242,13 +277,13 @@ def editor_overrides(
 
 @app.command()
 def build(
-    source: Annotated[str, typer.Option(help="flagworld | okvqa-hub | okvqa-files")] = "flagworld",
+    source: Annotated[str, typer.Option(help=SOURCE_HELP)] = "flagworld",
     limit: Annotated[Optional[int], typer.Option(help="at most this many items")] = None,  # noqa: UP045
     seed: Annotated[int, typer.Option(help="sampling and generation seed")] = 0,
     out: Annotated[Path, typer.Option(help="output folder")] = Path("okedit-out/build"),
-    split: Annotated[str, typer.Option(help="source split")] = "val2014",
+    split: Annotated[str, typer.Option(help="OK-VQA split: val2014 | train2014")] = "val2014",
     chunk_size: Annotated[int, typer.Option(help="items per task")] = 16,
-    annotator: Annotated[str, typer.Option(help="offline | llm")] = "offline",
+    annotator: Annotated[str, typer.Option(help=ANNOTATOR_HELP)] = "offline",
     llm_base_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible URL")] = None,  # noqa: UP045
     llm_model: Annotated[str, typer.Option(help="LLM model name")] = "gpt-4o-mini",
     llm_budget_usd: Annotated[
@@ -268,7 +303,7 @@ def build(
         Optional[str],  # noqa: UP045
         typer.Option(help="VLM to validate with (Hub id or path; default: tiny flagworld VLM)"),
     ] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     editor: Annotated[str, typer.Option(help=EDITOR_HELP)] = "balancedit",
     key_variant: Annotated[Optional[str], typer.Option(help=KEY_HELP)] = None,  # noqa: UP045
     alpha: Annotated[Optional[float], typer.Option(help=ALPHA_HELP)] = None,  # noqa: UP045
@@ -301,9 +336,7 @@ def build(
         Optional[str],  # noqa: UP045
         typer.Option(help="okvqa-files: where COCO images are downloaded from"),
     ] = None,
-    image_backend: Annotated[
-        str, typer.Option(help="render | openai | diffusers | retrieve")
-    ] = "render",
+    image_backend: Annotated[str, typer.Option(help=IMAGE_BACKEND_HELP)] = "render",
     image_pool: Annotated[
         Optional[Path],  # noqa: UP045
         typer.Option(help="retrieve: a folder of photos to choose images from"),
@@ -374,7 +407,7 @@ def demo(
 def validate_cmd(
     dataset: Annotated[Path, typer.Argument(help="a published okedit folder (with data/)")],
     model: Annotated[Optional[str], typer.Option(help="VLM (Hub id or path)")] = None,  # noqa: UP045
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     editor: Annotated[str, typer.Option(help=EDITOR_HELP)] = "balancedit",
     key_variant: Annotated[Optional[str], typer.Option(help=KEY_HELP)] = None,  # noqa: UP045
     alpha: Annotated[Optional[float], typer.Option(help=ALPHA_HELP)] = None,  # noqa: UP045

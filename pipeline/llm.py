@@ -74,6 +74,8 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline.openai_errors import TRANSIENT_KINDS, classify_openai_error, short
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T", bound=BaseModel)
@@ -93,9 +95,6 @@ FailureKind = Literal[
     "validation",
     "deferred",
 ]
-TRANSIENT_KINDS: frozenset[str] = frozenset(
-    {"rate_limited", "server_error", "timeout", "connection"}
-)
 NO_KEY_PLACEHOLDER = "not-needed"  # vLLM / Ollama accept any key; the openai client wants one
 
 
@@ -871,36 +870,15 @@ def _strip_fences(content: str) -> str:
 
 
 def _classify_api_error(exc: openai.APIError) -> LLMFailure:
-    """Map an error that survived the openai client's retries to a failure or a fatal error."""
-    if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
-        raise LLMFatalError(
-            f"the LLM server rejected the credentials (HTTP {exc.status_code}); "
-            "check OPENAI_API_KEY / LLMConfig.api_key"
-        ) from None
-    if isinstance(exc, openai.NotFoundError):
-        raise LLMFatalError(
-            "the LLM server answered 404: check --llm-base-url (it usually ends in /v1) "
-            "and that the model exists there"
-        ) from None
-    if isinstance(exc, openai.RateLimitError):
-        return LLMFailure("rate_limited", "HTTP 429 after all retries")
-    if isinstance(exc, openai.APITimeoutError):
-        return LLMFailure("timeout", "request timed out after all retries")
-    if isinstance(exc, openai.APIConnectionError):
-        return LLMFailure(
-            "connection", f"connection failed after all retries: {type(exc).__name__}"
-        )
-    if isinstance(exc, openai.APIStatusError):
-        if exc.status_code >= 500 or exc.status_code == 409:  # 409: lock conflict, retried
-            return LLMFailure("server_error", f"HTTP {exc.status_code} after all retries")
-        if exc.status_code == 408:
-            return LLMFailure("timeout", "HTTP 408 after all retries")
-        return LLMFailure("bad_request", f"HTTP {exc.status_code}: {_short(exc.message)}")
-    return LLMFailure("bad_request", f"{type(exc).__name__}: {_short(str(exc))}")
-
-
-def _short(text: str, limit: int = 200) -> str:
-    return text if len(text) <= limit else text[:limit] + "…"
+    """Map an error that survived the retries to a failure, or stop on a fatal one."""
+    failure = classify_openai_error(
+        exc,
+        "the LLM server",
+        "check --llm-base-url (it usually ends in /v1) and that the model exists there",
+    )
+    if failure.fatal:
+        raise LLMFatalError(failure.fatal) from None
+    return LLMFailure(failure.kind, failure.reason)
 
 
 def _now() -> str:
@@ -1483,7 +1461,7 @@ class LLMClient:
                 self._ingested.add(key)
             return key, True
         error = line.get("error") or (response.get("body") or {}).get("error") or {}
-        message = _short(str(error.get("message", "no answer")))
+        message = short(str(error.get("message", "no answer")))
         if status == 429:
             failure = LLMFailure("rate_limited", f"batch: HTTP 429: {message}")
         elif status >= 500 or status == 0:

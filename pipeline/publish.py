@@ -144,7 +144,7 @@ def _check_counts(counts: dict, records: list, rejections: list) -> None:
     """The manifest's counts describe exactly the files written: in = published + rejected."""
     if (
         counts.get("published") != len(records)
-        or counts.get("rejected") != len(rejections)
+        or counts.get("rejected", 0) + counts.get("deferred", 0) != len(rejections)
         or counts.get("in") != len(records) + len(rejections)
     ):
         raise ValueError(

@@ -11,11 +11,31 @@ from __future__ import annotations
 import threading
 from datetime import datetime, timezone
 from functools import lru_cache
+from pathlib import Path
 
 from pipeline.build import build_records
 from pipeline.config import BuildConfig
+from pipeline.sources import input_hashes
 from pipeline.work import WorkDir
 from schemas.record import Annotation, ItemImages, OkeditRecord, Rejection, SourceItem
+
+
+def stamped(results: list) -> list:
+    """`results` with a timestamp in every provenance entry: deterministic backends (the
+    offline annotator, the render backend) leave it empty, so that what they return depends
+    on their inputs only; the build records when its chunk made the field. Entries that
+    have one (an LLM answer, a cached image) keep it; a re-run reuses the chunk as written."""
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    out = []
+    for result in results:
+        provenance = getattr(result, "provenance", None)
+        if provenance and any(not p.timestamp for p in provenance):
+            filled = [
+                p if p.timestamp else p.model_copy(update={"timestamp": now}) for p in provenance
+            ]
+            result = result.model_copy(update={"provenance": filled})
+        out.append(result)
+    return out
 
 
 def split_ok(results: list) -> tuple[list, list[Rejection]]:
@@ -104,15 +124,158 @@ def _image_backend(config_json: str):
 def preflight(cfg: BuildConfig) -> None:
     """Fail before any work (or any paid request) when the settings cannot work.
 
-    Builds the source, annotator and image backend (cached for the run) and resolves the
-    validation model, so a missing key, pool folder or model is one clear error up front.
+    Reads and checks the source's input files (every column and entry), builds the
+    annotator and image backend (cached for the run), and finds every model the build will
+    load (a local folder, or a Hub id on the Hub or, offline, in the local cache) and the
+    CUDA device it asks for, so a missing file, key, pool folder, model or GPU is one clear
+    error up front (`ConfigError`, `FileNotFoundError`, `ValueError`, `LLMFatalError`)
+    instead of a failure stages later.
     """
     config_json = cfg.model_dump_json()
-    _source(config_json)
+    for setting, url in _urls(cfg):
+        problem = url_problem(url)
+        if problem:
+            from pipeline.llm import redact_url
+
+            raise ConfigError(f"{setting} {redact_url(url)}: {problem}")
+    _source(config_json).list_ids(cfg.limit, cfg.seed)  # reads and checks the input files
     _annotator(config_json)
     _image_backend(config_json)
+    for setting, model in _image_models(cfg):
+        _require_model(model, setting)
+    if cfg.images.device == "cuda" and _image_models(cfg):
+        _require_cuda("images.device")
     if cfg.validation.enabled:
-        cfg.validation.model_settings().torch_device()
+        settings = cfg.validation.model_settings()  # the tiny VLM: FileNotFoundError
+        if settings.device == "cuda":
+            _require_cuda("--device")
+        _require_model(settings.model, "--model")
+        try:
+            cfg.validation.family()
+        except (ValueError, OSError) as exc:
+            raise ConfigError(f"--model {cfg.validation.model}: {_first_line(exc)}") from None
+
+
+def _urls(cfg: BuildConfig) -> list[tuple[str, str]]:
+    """(setting, URL) of every server the build will talk to."""
+    urls = []
+    if cfg.annotator.kind == "llm" and cfg.annotator.llm_base_url:
+        urls.append(("--llm-base-url", cfg.annotator.llm_base_url))
+    if cfg.source.name == "okvqa-files" and cfg.source.image_base_url:
+        urls.append(("--image-base-url", cfg.source.image_base_url))
+    if "openai" in (cfg.images.backend, cfg.images.fallback) and cfg.images.api_base_url:
+        urls.append(("images.api_base_url", cfg.images.api_base_url))
+    return urls
+
+
+def url_problem(url: str) -> str | None:
+    """Why `url` is no http(s) server address, or None."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises on a bad port)
+    except ValueError as exc:
+        return f"not a valid URL ({exc})"
+    if parts.scheme not in ("http", "https"):
+        return f"not an http(s) URL (scheme {parts.scheme or '(none)'!r})"
+    if not parts.hostname:
+        return "no host in the URL"
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _image_models(cfg: BuildConfig) -> list[tuple[str, str]]:
+    """(setting, model id or folder) of every model the images stage loads."""
+    images = cfg.images
+    models: list[tuple[str, str]] = []
+    for backend, primary in ((images.backend, True), (images.fallback, False)):
+        model = images.model if primary else ""
+        if backend == "retrieve":
+            models.append(("--image-model" if model else "images.clip_model",
+                           model or images.clip_model))  # fmt: skip
+        elif backend == "diffusers":
+            from pipeline.image_backends.diffusion import DEFAULT_MODEL
+
+            models.append(("--image-model", model or DEFAULT_MODEL))
+    if images.clip_threshold is not None:
+        models.append(("images.clip_model", images.clip_model))
+    return list(dict.fromkeys(models))
+
+
+def _require_cuda(setting: str) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"{setting} cuda: no CUDA device here (torch {torch.__version__}, "
+            "torch.cuda.is_available() is False); use cpu or auto"
+        )
+
+
+def model_problem(name: str) -> str | None:
+    """Why the model `name` (a local folder or a Hub id) cannot be loaded on this machine,
+    or None. A Hub id needs a local copy in the Hugging Face cache, or (online) to exist on
+    the Hub, which must then be reachable."""
+    from huggingface_hub import constants, model_info, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    if Path(name).expanduser().exists():
+        return None
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        return "no such model folder"
+    try:
+        snapshot_download(name, local_files_only=True)
+        return None  # a local copy
+    except HFValidationError:
+        return "neither a model folder nor a Hugging Face Hub model id"
+    except LocalEntryNotFoundError:
+        if constants.is_offline_mode():
+            return (
+                "no local copy in the Hugging Face cache, and HF_HUB_OFFLINE is set; "
+                "download it once online or pass a model folder"
+            )
+    except Exception:
+        pass
+    try:
+        model_info(name, timeout=10)
+    except HFValidationError:
+        return "neither a model folder nor a Hugging Face Hub model id"
+    except GatedRepoError:
+        return "gated on the Hugging Face Hub: accept its terms and set HF_TOKEN"
+    except RepositoryNotFoundError:
+        return "no such model on the Hugging Face Hub (a private one? set HF_TOKEN)"
+    except (OSError, *httpx_errors()) as exc:
+        return (
+            "no local copy in the Hugging Face cache and the Hub cannot be reached "
+            f"({type(exc).__name__}: {_first_line(exc)}); connect, or pass a model folder"
+        )
+    return None
+
+
+def httpx_errors() -> tuple[type[Exception], ...]:
+    """The transport errors of the HTTP client huggingface_hub uses (httpx or its fork)."""
+    found: list[type[Exception]] = []
+    for module in ("httpx", "httpx2"):
+        try:
+            found.append(__import__(module).TransportError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
+
+def _require_model(name: str, setting: str) -> None:
+    problem = model_problem(name)
+    if problem:
+        raise ConfigError(f"{setting} {name}: {problem}")
 
 
 def list_ids(cfg: BuildConfig) -> list[str]:
@@ -141,12 +304,36 @@ def gather_chunk(cfg: BuildConfig, index: int, ids: list[str]) -> dict[str, int]
 
 
 def annotate_chunk(cfg: BuildConfig, index: int) -> dict[str, int]:
+    """Annotate a chunk; a chunk done with deferred items (transient LLM failures) is not
+    final: this asks again for those items only (the request cache makes everything that
+    was answered before free) and, when anything changed, rewrites the chunk and reopens
+    the later stages of the chunk."""
     work = WorkDir(cfg.out)
-    if work.is_done("annotate", index):
+    if work.is_final("annotate", index):
         return work.chunk_counts("annotate", index)
     _starting("annotate", index)
     items = work.read_ok("gather", index, SourceItem)
-    ok, rejected = split_ok(_annotator(cfg.model_dump_json()).annotate(items) if items else [])
+    if not work.is_done("annotate", index):
+        results = _annotator(cfg.model_dump_json()).annotate(items) if items else []
+        ok, rejected = split_ok(stamped(results))
+        return work.write_chunk("annotate", index, ok, rejected)
+    return _retry_deferred(cfg, work, index, items)
+
+
+def _retry_deferred(
+    cfg: BuildConfig, work: WorkDir, index: int, items: list[SourceItem]
+) -> dict[str, int]:
+    before_ok = work.read_ok("annotate", index, Annotation)
+    before_rejected = work.read_rejected("annotate", index)
+    retry = {r.item_id for r in before_rejected if r.deferred}
+    again = _annotator(cfg.model_dump_json()).annotate([i for i in items if i.item_id in retry])
+    if all(isinstance(r, Rejection) and r.deferred for r in again):
+        return work.chunk_counts("annotate", index)  # still waiting: nothing to redo
+    new_ok, new_rejected = split_ok(stamped(again))
+    order = {item.item_id: n for n, item in enumerate(items)}
+    ok = sorted([*before_ok, *new_ok], key=lambda a: order.get(a.item_id, len(order)))
+    rejected = [r for r in before_rejected if not r.deferred] + new_rejected
+    work.reopen_after("annotate", index)  # first: the later stages are stale from here on
     return work.write_chunk("annotate", index, ok, rejected)
 
 
@@ -159,7 +346,7 @@ def images_chunk(cfg: BuildConfig, index: int) -> dict[str, int]:
     anns = work.read_ok("annotate", index, Annotation)
     pairs = [(items[a.item_id], a) for a in anns]
     results = _image_backend(cfg.model_dump_json()).make_images(pairs) if pairs else []
-    ok, rejected = split_ok(results)
+    ok, rejected = split_ok(stamped(results))
     return work.write_chunk("images", index, ok, rejected)
 
 
@@ -220,6 +407,9 @@ def collect(cfg: BuildConfig, n_chunks: int) -> tuple[list[OkeditRecord], list[R
             "ok": sum(c["ok"] for c in counts),
             "rejected": sum(c["rejected"] for c in counts),
         }
+        deferred = sum(c.get("deferred", 0) for c in counts)
+        if deferred:  # items a re-run retries (transient failures)
+            stage_counts[stage]["deferred"] = deferred
         for i in range(n_chunks):
             rejected += work.read_rejected(stage, i)
     for i in range(n_chunks):
@@ -228,7 +418,8 @@ def collect(cfg: BuildConfig, n_chunks: int) -> tuple[list[OkeditRecord], list[R
 
 
 def finalize(cfg: BuildConfig, n_chunks: int, n_in: int) -> dict:
-    """Publish the local folder; returns the summary (in = published + rejected)."""
+    """Publish the local folder; returns the summary (in = published + rejected, + deferred
+    when items wait for a re-run: those are listed in rejected.jsonl with `deferred: true`)."""
     from pipeline.check import filter_by_check
     from pipeline.publish import publish_local, resolved_validation
 
@@ -237,8 +428,11 @@ def finalize(cfg: BuildConfig, n_chunks: int, n_in: int) -> dict:
     rejected += dropped
     stage_counts["validate"]["ok"] -= len(dropped)
     stage_counts["validate"]["rejected"] += len(dropped)
-    counts = {"in": n_in, "published": len(records), "rejected": len(rejected)}
-    if counts["in"] != counts["published"] + counts["rejected"]:
+    deferred = sum(r.deferred for r in rejected)
+    counts = {"in": n_in, "published": len(records), "rejected": len(rejected) - deferred}
+    if deferred:
+        counts["deferred"] = deferred
+    if counts["in"] != counts["published"] + counts["rejected"] + deferred:
         raise RuntimeError(f"counts do not reconcile: {counts}")
     manifest = {
         "name": "OKEDIT",
@@ -249,6 +443,9 @@ def finalize(cfg: BuildConfig, n_chunks: int, n_in: int) -> dict:
         "counts": counts,
         "stages": stage_counts,
     }
+    inputs = input_hashes(cfg.source)
+    if inputs:  # sha256 of the source files, by setting (part of the build's identity)
+        manifest["inputs"] = inputs
     if cfg.annotator.kind == "llm":  # every request of the build, as the server counted it
         from pipeline.annotate import llm_usage
 

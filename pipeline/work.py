@@ -67,9 +67,31 @@ class WorkDir:
         (self.root / stage).mkdir(parents=True, exist_ok=True)
         _write_models(self._chunk(stage, index, "ok.parquet"), ok)
         _write_models(self._chunk(stage, index, "rejected.parquet"), rejected)
-        counts = {"ok": len(ok), "rejected": len(rejected)}
+        deferred = sum(r.deferred for r in rejected)
+        counts = {"ok": len(ok), "rejected": len(rejected) - deferred}
+        if deferred:  # failed on transient errors only: not final, a re-run retries them
+            counts["deferred"] = deferred
         _atomic_write_bytes(self._chunk(stage, index, "done.json"), json.dumps(counts).encode())
         return counts
+
+    def is_final(self, stage: str, index: int) -> bool:
+        """Done, with no deferred item left for a re-run to retry."""
+        return self.is_done(stage, index) and not self.chunk_counts(stage, index).get("deferred")
+
+    def reopen_after(self, stage: str, index: int) -> None:
+        """Remove the markers of the stages after `stage` for this chunk: called before
+        `stage` rewrites the chunk, so a crash in between leaves them to be redone."""
+        for later in STAGES[STAGES.index(stage) + 1 :]:
+            self._chunk(later, index, "done.json").unlink(missing_ok=True)
+
+    def marker_token(self, stage: str, index: int) -> str:
+        """Identity of the chunk's current marker ("" when there is none): it changes each
+        time the chunk is written, so it keys what was derived from the chunk."""
+        try:
+            stat = self._chunk(stage, index, "done.json").stat()
+        except FileNotFoundError:
+            return ""
+        return f"{stat.st_ino}-{stat.st_mtime_ns}"
 
     def read_ok(self, stage: str, index: int, model: type[M]) -> list[M]:
         return _read_models(self._chunk(stage, index, "ok.parquet"), model)
@@ -80,19 +102,33 @@ class WorkDir:
     def chunk_counts(self, stage: str, index: int) -> dict[str, int]:
         return json.loads(self._chunk(stage, index, "done.json").read_text())
 
-    def check(self, fingerprint: str) -> bool:
+    def check(self, fingerprint: str, inputs: dict[str, str] | None = None) -> bool:
         """True when this folder holds this build (resume), False when it is free.
 
-        Raises `BuildExistsError` when the folder holds a different build or other files,
-        so that no earlier output is ever overwritten by an unrelated configuration.
+        A build is its config's fingerprint and the content hashes of its input files
+        (`pipeline.sources.input_hashes`). Raises `BuildExistsError` when the folder holds a
+        different build or other files, so that no earlier output is ever overwritten by an
+        unrelated configuration. A folder claimed by a build that finished no chunk (it
+        failed at its start) holds nothing to keep: it is free.
         """
         marker = self.root / "build.json"
         if marker.exists():
             held = json.loads(marker.read_text())
             if held.get("fingerprint") != fingerprint:
+                if self._nothing_built():
+                    return False
                 raise BuildExistsError(
                     f"{self.out} holds a different build (fingerprint {held.get('fingerprint')}"
                     f" != {fingerprint}); choose another --out or delete that folder"
+                )
+            if inputs is not None and "inputs" in held and held["inputs"] != inputs:
+                if self._nothing_built():
+                    return False
+                changed = sorted(k for k in {*held["inputs"], *inputs}
+                                 if held["inputs"].get(k) != inputs.get(k))  # fmt: skip
+                raise BuildExistsError(
+                    f"{self.out} was built from other input files ({', '.join(changed)} "
+                    "changed since); choose another --out or delete that folder"
                 )
             return True
         if self.out.exists() and any(p.name != ".okedit" for p in self.out.iterdir()):
@@ -105,11 +141,27 @@ class WorkDir:
         """Held for a whole build: a second build into this folder waits for the first."""
         return FileLock(self.root / "build.lock")
 
-    def claim(self, fingerprint: str, description: dict) -> bool:
+    def _nothing_built(self) -> bool:
+        """No chunk finished, no other file, and no build running here."""
+        if any(self.root.glob("*/*.done.json")):
+            return False
+        if any(p.name != ".okedit" for p in self.out.iterdir()):
+            return False
+        try:
+            with FileLock(self.root / "build.lock", timeout=0):
+                return True
+        except TimeoutError:  # filelock.Timeout: a build holds the folder right now
+            return False
+
+    def claim(
+        self, fingerprint: str, description: dict, inputs: dict[str, str] | None = None
+    ) -> bool:
         """Bind this folder to one build. Returns True when resuming an earlier run."""
-        if self.check(fingerprint):
+        if self.check(fingerprint, inputs):
             return True
         self.root.mkdir(parents=True, exist_ok=True)
         payload = {"fingerprint": fingerprint, "config": description}
+        if inputs:
+            payload["inputs"] = inputs
         _atomic_write_bytes(self.root / "build.json", json.dumps(payload, indent=2).encode())
         return False

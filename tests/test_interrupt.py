@@ -11,6 +11,7 @@ and the same command run again finishes the build without paying for any answer 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -77,13 +78,13 @@ def test_signal_stops_the_build_and_a_rerun_repays_nothing(
     env = env_for(prefect_home)
     with llm_server(latency_s=0.2) as llm:
         command += ["--llm-base-url", llm.url]
+        stderr_log = tmp_path / "stderr.log"
         proc = subprocess.Popen(
             command,
             cwd=tmp_path,  # the request cache (.okedit-cache) stays here, for the re-run
             env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr_log.open("w"),  # a file: a process left behind cannot hold it up
             start_new_session=True,  # its own process group, as a terminal gives it
         )
         try:
@@ -91,20 +92,23 @@ def test_signal_stops_the_build_and_a_rerun_repays_nothing(
             while llm.log.requests < SIGNAL_AFTER and proc.poll() is None:
                 assert time.monotonic() < deadline, "the build sent no requests"
                 time.sleep(0.005)
-            assert proc.poll() is None, proc.communicate()
+            assert proc.poll() is None, stderr_log.read_text()
             signalled_at = time.time()
             (os.killpg if to_group else os.kill)(proc.pid, sig)
             try:
-                _, stderr = proc.communicate(timeout=10)
+                proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pytest.fail("the build did not exit within 10 s of the signal")
             exit_s = time.time() - signalled_at
+            left = group_members(proc.pid)
         finally:
-            if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):  # whatever is left of the group
                 os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            proc.wait()
+        stderr = stderr_log.read_text()
         late = [t for t in llm.log.arrivals if t > signalled_at]
         first_run = llm.log.requests
+        paid_before = dict(llm.log.answered)
         print(
             f"{sig.name}: exit {exit_s:.2f} s after the signal, {len(late)} requests "
             f"after it, {first_run} in all"
@@ -115,7 +119,7 @@ def test_signal_stops_the_build_and_a_rerun_repays_nothing(
         # one per concurrency slot) may still arrive
         assert len(late) <= CONCURRENCY, f"{len(late)} requests after the signal"
         assert first_run < ITEMS * 8, "the build ran to its end before the signal"
-        assert group_members(proc.pid) == []  # the embedded Prefect API server included
+        assert left == []  # the embedded Prefect API server included
         resume = [line for line in stderr.splitlines() if "resume" in line]
         assert len(resume) == 1, stderr
         assert resume[0].endswith(" ".join(["okedit", *command[1:]])), resume[0]
@@ -127,9 +131,10 @@ def test_signal_stops_the_build_and_a_rerun_repays_nothing(
             command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400
         )
         assert again.returncode == 0, again.stderr[-3000:]
-        answered_twice = [h for h, n in llm.log.answered.items() if n > 1]
-        print(f"re-run: {llm.log.requests - first_run} requests, 0 repaid")
-    assert answered_twice == []
+        # (two items may ask the very same question at the same moment: that is no repay)
+        repaid = [h for h, n in paid_before.items() if llm.log.answered[h] > n]
+        print(f"re-run: {llm.log.requests - first_run} requests, {len(repaid)} repaid")
+    assert repaid == []
     manifest = json.loads((out / "manifest.json").read_text())
     counts = manifest["counts"]
     assert counts["in"] == ITEMS == counts["published"] + counts["rejected"]

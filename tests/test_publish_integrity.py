@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 
 import pipeline.publish as publish
 from pipeline.config import BuildConfig, ValidateSettings
+from pipeline.offline_annotator import FlagworldAnnotator
 from pipeline.publish import describe_for_manifest, publish_local, resolved_validation
 from pipeline.revalidate import read_folder, revalidate_folder
 from schemas.easyedit import EASYEDIT_FIELDS
@@ -219,7 +220,7 @@ def test_flagworld_manifest_names_no_okvqa_split_nor_llm(tmp_path: Path):
     publish_build([make_record("a")], out)
     config = json.loads((out / "manifest.json").read_text())["config"]
     assert config["source"] == {"name": "flagworld"}
-    assert config["annotator"] == {"kind": "offline"}
+    assert config["annotator"] == {"kind": "offline", "offline_version": FlagworldAnnotator.version}
     okvqa = BuildConfig.model_validate(
         {"source": {"name": "okvqa-hub"}, "annotator": {"kind": "llm"}}
     ).describe()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -97,37 +97,63 @@ class OkvqaHubSource:
         self.name = "okvqa-hub"
         self._dataset: Any = None
         self._index: dict[str, int] | None = None
+        self._dropped: dict[str, str] = {}  # item id -> why its row is no item
+        self._order: list[str] = []  # every row's item id, in order
 
     def _load(self) -> Any:
         if self._dataset is None:
             import datasets
 
-            if self.parquet is not None:
-                files = self.parquet if isinstance(self.parquet, list) else [self.parquet]
-                ds = datasets.load_dataset(
-                    "parquet", data_files=[str(f) for f in files], split="train"
-                )
-            else:
-                ds = datasets.load_dataset(self.repo, split=self.split)
+            where = self.parquet or self.repo
+            try:
+                if self.parquet is not None:
+                    files = self.parquet if isinstance(self.parquet, list) else [self.parquet]
+                    for f in files:
+                        _check_parquet(Path(f))
+                    quiet = not datasets.utils.are_progress_bars_disabled()
+                    if quiet:  # no "Generating train split" bars for a local copy
+                        datasets.disable_progress_bars()
+                    try:
+                        ds = datasets.load_dataset(
+                            "parquet", data_files=[str(f) for f in files], split="train"
+                        )
+                    finally:
+                        if quiet:
+                            datasets.enable_progress_bars()
+                else:
+                    ds = datasets.load_dataset(self.repo, split=self.split)
+            except OkvqaFileError:
+                raise
+            except Exception as exc:  # datasets/pyarrow/hub errors: not a usable split
+                detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise OkvqaFileError(f"{where}: cannot load it ({detail})") from None
             missing = {"question_id", "image", "question", "answers"} - set(ds.column_names)
             if missing:
+                raise OkvqaFileError(f"{where} lacks column(s) {sorted(missing)}")
+            problem = _column_types_problem(ds.features)
+            if problem:
+                raise OkvqaFileError(f"{where}: {problem}")
+            try:
+                self._dataset = ds.cast_column("image", datasets.Image(decode=False))
+            except Exception as exc:
                 raise OkvqaFileError(
-                    f"{self.parquet or self.repo} lacks column(s) {sorted(missing)}"
-                )
-            self._dataset = ds.cast_column("image", datasets.Image(decode=False))
+                    f"{where}: column 'image' is {ds.features['image']}, not images ({exc})"
+                ) from None
         return self._dataset
 
     def _ids(self) -> dict[str, int]:
         if self._index is None:
-            qids = [str(q) for q in self._load()["question_id"]]
-            self._index = {}
-            for row, qid in enumerate(qids):
-                self._index.setdefault(qid, row)
+            qids = (_row_qid(q) for q in self._load()["question_id"])
+            self._index, self._dropped, self._order = _index_entries(
+                qids, self.naming, lambda row: "no question_id"
+            )
         return self._index
 
     def list_ids(self, limit: int | None = None, seed: int = 0) -> list[str]:
-        ids = [self.naming.item_id(q) for q in self._ids()]
-        return sample_ids(ids, limit, seed)
+        """Every row's item id (rows without an id or repeating one included: they load as
+        rejections), or a seeded sample of `limit`."""
+        self._ids()
+        return sample_ids(self._order, limit, seed)
 
     def load_items(self, ids: list[str]) -> list[SourceItem | Rejection]:
         index = self._ids()
@@ -143,7 +169,8 @@ class OkvqaHubSource:
         for some_id in wanted:
             if some_id not in rows:
                 item_id = self.naming.item_id(self.naming.question_id(some_id))
-                out.append(Rejection(item_id=item_id, stage=STAGE, reason="unknown question id"))
+                reason = self._dropped.get(item_id, "unknown question id")
+                out.append(Rejection(item_id=item_id, stage=STAGE, reason=reason))
                 continue
             out.append(self._item(by_row[rows[some_id]]))
         return out
@@ -157,7 +184,10 @@ class OkvqaHubSource:
         problem = image_problem(image, self.max_pixels)
         if problem:
             return Rejection(item_id=item_id, stage=STAGE, reason=f"bad image: {problem}")
-        answers = [str(a) for a in (row.get("answers") or []) if str(a).strip()]
+        raw_answers = row.get("answers") or []
+        if isinstance(raw_answers, str | bytes):  # one string is no list of answers
+            return Rejection(item_id=item_id, stage=STAGE, reason="answers is not a list")
+        answers = [str(a) for a in raw_answers if str(a).strip()]
         question = str(row.get("question") or "").strip()
         if not question or not answers:
             return Rejection(item_id=item_id, stage=STAGE, reason="row lacks a question or answers")
@@ -172,6 +202,46 @@ class OkvqaHubSource:
             answers=answers,
             image=image,
         )
+
+
+def _check_parquet(path: Path) -> None:
+    """A readable parquet file, or `OkvqaFileError` (before `datasets` logs its traceback)."""
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise OkvqaFileError(f"{path}: file not found")
+    try:
+        pq.read_schema(path)
+    except Exception as exc:  # pyarrow: not parquet, truncated, unreadable
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise OkvqaFileError(f"{path}: not a parquet file ({detail})") from None
+
+
+def _row_qid(value: Any) -> str | None:
+    if value is None or isinstance(value, bool) or not str(value).strip():
+        return None
+    return str(value).strip()
+
+
+def _column_types_problem(features: Any) -> str | None:
+    """Why the columns of an OK-VQA split have the wrong types (None when they are right):
+    `answers` a list of strings, `question` a string, `question_id` a number or string."""
+    from datasets import Value
+
+    def is_value(feature: Any) -> bool:
+        return isinstance(feature, Value)
+
+    answers = features["answers"]
+    lists = ("List", "LargeList", "Sequence")
+    is_list = isinstance(answers, list) or type(answers).__name__ in lists
+    inner = answers[0] if isinstance(answers, list) and answers else getattr(answers, "feature", 0)
+    if not (is_list and is_value(inner)):
+        return f"column 'answers' is {answers}, not a list of answers (List(Value('string')))"
+    if not (is_value(features["question"]) and "string" in features["question"].dtype):
+        return f"column 'question' is {features['question']}, not text (Value('string'))"
+    if not is_value(features["question_id"]):
+        return f"column 'question_id' is {features['question_id']}, not a number or text"
+    return None
 
 
 def _image_id_from_qid(qid: str) -> str:
@@ -199,6 +269,8 @@ def _read_json(path: Path, key: str) -> list[Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise OkvqaFileError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise OkvqaFileError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise OkvqaFileError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(data, dict) or not isinstance(data.get(key), list):
@@ -207,9 +279,50 @@ def _read_json(path: Path, key: str) -> list[Any]:
 
 
 def _qid(entry: Any) -> str | None:
-    if isinstance(entry, dict) and isinstance(entry.get("question_id"), int | str):
-        return str(entry["question_id"])
-    return None
+    """The entry's question id, or None (not an object, no id, an id that is no number or
+    text)."""
+    if not isinstance(entry, dict):
+        return None
+    qid = entry.get("question_id")
+    if isinstance(qid, bool) or not isinstance(qid, int | str) or not str(qid).strip():
+        return None
+    return str(qid).strip()
+
+
+def _entry_problem(entry: Any) -> str:
+    if not isinstance(entry, dict):
+        return f"not an object but {type(entry).__name__}"
+    if "question_id" not in entry:
+        return "no question_id"
+    return f"question_id {entry['question_id']!r} is not a number or text"
+
+
+def _index_entries(
+    qids: Iterable[str | None], naming: _Naming, what: Callable[[int], str]
+) -> tuple[dict[str, int], dict[str, str], list[str]]:
+    """(question id -> position of its first entry, dropped item id -> reason, every item id
+    in source order). An entry without a usable id or with the id of an earlier entry is
+    not an item but still one input: it gets an item id of its own (`<prefix>#<position>`,
+    `<prefix><qid>#<position>`) and becomes a rejection with its reason, so that every
+    entry of the input is accounted for."""
+    index: dict[str, int] = {}
+    dropped: dict[str, str] = {}
+    order: list[str] = []
+    for position, qid in enumerate(qids):
+        if qid is None:
+            item_id = naming.item_id(f"#{position}")
+            dropped[item_id] = f"malformed question entry {position}: {what(position)}"
+        elif qid in index:
+            item_id = naming.item_id(f"{qid}#{position}")
+            dropped[item_id] = (
+                f"duplicate question_id {qid}: entry {position} repeats entry {index[qid]} "
+                "(the first is kept)"
+            )
+        else:
+            index[qid] = position
+            item_id = naming.item_id(qid)
+        order.append(item_id)
+    return index, dropped, order
 
 
 def _int_id(value: Any) -> int | None:
@@ -255,12 +368,16 @@ class OkvqaFilesSource:
         self.annotations_file = Path(annotations_file)
         self.naming = _Naming(split)
         self.coco_dir = Path(coco_dir) if coco_dir else None
+        if self.coco_dir is not None and not self.coco_dir.is_dir():
+            raise OkvqaFileError(f"{self.coco_dir}: no such folder (the local COCO images)")
         self.image_base_url = image_base_url.rstrip("/") if image_base_url else None
         self.download = download or DownloadConfig()
         self.downloader = ImageDownloader(Path(cache_dir), self.download)
         self.name = "okvqa-files"
         self._questions: dict[str, Any] | None = None
         self._annotations: dict[str, Any] = {}
+        self._dropped: dict[str, str] = {}  # item id -> why its entry is no item
+        self._order: list[str] = []  # every entry's item id, in file order
 
     # ---- files
 
@@ -268,14 +385,15 @@ class OkvqaFilesSource:
         if self._questions is None:
             questions = _read_json(self.questions_file, "questions")
             annotations = _read_json(self.annotations_file, "annotations")
-            self._questions = {}
-            for entry in questions:
-                qid = _qid(entry)
-                if qid is not None:
-                    self._questions.setdefault(qid, entry)
+            index, self._dropped, self._order = _index_entries(
+                (_qid(q) for q in questions),
+                self.naming,
+                lambda position: _entry_problem(questions[position]),
+            )
             self._annotations = {q: a for a in annotations if (q := _qid(a)) is not None}
-            if questions and not self._questions:
+            if questions and not index:
                 raise OkvqaFileError(f"{self.questions_file}: no entry has a question_id")
+            self._questions = {qid: questions[position] for qid, position in index.items()}
         return self._questions
 
     def image_name(self, image_id: int) -> str:
@@ -288,14 +406,21 @@ class OkvqaFilesSource:
     # ---- the source interface
 
     def list_ids(self, limit: int | None = None, seed: int = 0) -> list[str]:
-        ids = [self.naming.item_id(q) for q in self._load()]
-        return sample_ids(ids, limit, seed)
+        """Every entry's item id (malformed and repeated entries included: they load as
+        rejections), or a seeded sample of `limit`."""
+        self._load()
+        return sample_ids(self._order, limit, seed)
 
     def load_items(self, ids: list[str]) -> list[SourceItem | Rejection]:
         questions = self._load()
         parsed: dict[str, SourceItem | Rejection] = {}
         for some_id in _dedupe(ids):
             qid = self.naming.question_id(some_id)
+            dropped = self._dropped.get(self.naming.item_id(qid))
+            if dropped is not None:
+                item_id = self.naming.item_id(qid)
+                parsed[some_id] = Rejection(item_id=item_id, stage=STAGE, reason=dropped)
+                continue
             parsed[some_id] = self._parse(qid, questions.get(qid))
         images = self._images([p for p in parsed.values() if isinstance(p, SourceItem)])
         out: list[SourceItem | Rejection] = []
