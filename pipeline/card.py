@@ -308,9 +308,12 @@ def llm_section(llm: dict | None, items_in: int) -> str:
     return "## Annotation cost\n\n" + table + "\n"
 
 
-def _deferred(counts: dict) -> str:
+def count_line(counts: dict) -> str:
+    """`in = published + rejected (+ deferred)` in words."""
+    line = f"{counts['in']} items in, {counts['published']} published, {counts['rejected']} rejected"
     n = counts.get("deferred", 0)
-    return f", {n} deferred (failed only on 429/5xx/timeouts: a re-run asks again)" if n else ""
+    deferred = f", {n} deferred (failed only on 429/5xx/timeouts: a re-run asks again)"
+    return line + (deferred if n else "") + "."
 
 
 def _yaml_header(source: str, n: int) -> str:
@@ -383,7 +386,7 @@ questions that it **should not** reach (locality). It follows BalancEdit (Guo et
 
 ## Counts
 
-{counts["in"]} items in, {counts["published"]} published, {counts["rejected"]} rejected{_deferred(counts)}.
+{count_line(counts)}
 
 Per question type / relation:
 
