@@ -310,7 +310,8 @@ def llm_section(llm: dict | None, items_in: int) -> str:
 
 def count_line(counts: dict) -> str:
     """`in = published + rejected (+ deferred)` in words."""
-    line = f"{counts['in']} items in, {counts['published']} published, {counts['rejected']} rejected"
+    line = f"{counts['in']} items in, {counts['published']} published"
+    line += f", {counts['rejected']} rejected"
     n = counts.get("deferred", 0)
     deferred = f", {n} deferred (failed only on 429/5xx/timeouts: a re-run asks again)"
     return line + (deferred if n else "") + "."
