@@ -13,6 +13,7 @@ GPU workers as `validate-okedit-shard` flow runs (`BuildConfig.scale`, docs/scal
 import contextlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,15 @@ def _run_stage(
     for done, _ in enumerate(as_completed(futures), 1):
         advance(done)
     return [f.result() for f in futures]
+
+
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float], stage: str) -> Any:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[stage] = round(time.perf_counter() - start, 3)
 
 
 def _apply_overrides(config: BuildConfig | None, overrides: dict[str, Any]) -> BuildConfig:
@@ -248,18 +258,25 @@ def _build(cfg: BuildConfig, resumed: bool) -> dict:
     with tasks.ArtifactSender() as artifacts:
         # bars move when chunks finish: 2 redraws a second, not rich's 10 (each costs CPU)
         with Progress(refresh_per_second=2) as progress:
+            seconds: dict[str, float] = {}  # wall time of each stage in this run (plan vs actual)
             gather_args = [(config_json, build, i, c) for i, c in enumerate(chunks)]
-            _run_stage("gather", tasks.gather, gather_args, progress, True, artifacts)
+            with _timed(seconds, "gather"):
+                _run_stage("gather", tasks.gather, gather_args, progress, True, artifacts)
             for name in ("annotate", "images", "assemble"):
-                _run_stage(name, tasks.CHUNK_TASKS[name], indexed(name), progress, True, artifacts)
-            if cfg.scale.validate_deployment and cfg.validation.enabled:
-                shards = _validate_sharded(cfg, len(chunks), progress, artifacts)
-            else:
-                # one model per process; the edits themselves use all cores
-                validate_args = indexed("validate")
-                _run_stage("validate", tasks.validate, validate_args, progress, False, artifacts)
-                shards = []
-        summary = tasks.publish_local(config_json, len(chunks), len(ids))
+                with _timed(seconds, name):
+                    task_ = tasks.CHUNK_TASKS[name]
+                    _run_stage(name, task_, indexed(name), progress, True, artifacts)
+            with _timed(seconds, "validate"):
+                if cfg.scale.validate_deployment and cfg.validation.enabled:
+                    shards = _validate_sharded(cfg, len(chunks), progress, artifacts)
+                else:
+                    # one model per process; the edits themselves use all cores
+                    validate_args = indexed("validate")
+                    _run_stage(
+                        "validate", tasks.validate, validate_args, progress, False, artifacts
+                    )
+                    shards = []
+        summary = tasks.publish_local(config_json, len(chunks), len(ids), seconds)
         if cfg.publish.repo_id:
             summary["hub"] = tasks.publish_hub(config_json)
         if shards:

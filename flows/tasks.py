@@ -142,8 +142,10 @@ CHUNK_TASKS = {"annotate": annotate, "images": images, "assemble": assemble, "va
 
 # Publishing always runs: it rewrites the folder from the chunks, so it is never cached.
 @task(name="publish-local", cache_policy=NO_CACHE, persist_result=False)
-def publish_local(config_json: str, n_chunks: int, n_in: int) -> dict:
-    return stages.finalize(config_of(config_json), n_chunks, n_in)
+def publish_local(
+    config_json: str, n_chunks: int, n_in: int, stage_seconds: dict[str, float] | None = None
+) -> dict:
+    return stages.finalize(config_of(config_json), n_chunks, n_in, stage_seconds)
 
 
 def retry_hub_transient(task_: Any, task_run: Any, state: Any) -> bool:

@@ -317,6 +317,17 @@ def count_line(counts: dict) -> str:
     return line + (deferred if n else "") + "."
 
 
+def plan_section(rows: list[dict] | None) -> str:
+    """The build plan's estimates (`pipeline.plan`) against this run's measurements."""
+    if not rows:
+        return ""
+    frame = pl.DataFrame(
+        [{k: "-" if v is None else str(v) for k, v in row.items()} for row in rows]
+    )
+    note = "Seconds are this run's wall time: a resumed run only times what it redid."
+    return "## Estimate vs actual\n\n" + _markdown_table(frame) + "\n\n" + note + "\n"
+
+
 def _yaml_header(source: str, n: int) -> str:
     size = "n<1K" if n < 1000 else "1K<n<10K"
     return f"""---
@@ -375,6 +386,7 @@ questions that it **should not** reach (locality). It follows BalancEdit (Guo et
 | source | `{source}` (split `{split}`) |
 | annotator | `{manifest["annotator"]}` |
 | image backend | `{manifest["config"]["images"]["backend"]}` |
+| image model | `{manifest.get("image_model") or "-"}` |
 | validation model | `{validation.get("model", "-")}` |
 | editor | `{validation.get("editor", "-")}` |
 | key variant | `{validation.get("key_variant") or "-"}` |
@@ -384,6 +396,8 @@ questions that it **should not** reach (locality). It follows BalancEdit (Guo et
 | LLM tokens (prompt / completion) | {tokens.get("prompt", 0)} / {tokens.get("completion", 0)} |
 
 {llm_section(manifest.get("llm"), counts["in"])}
+
+{plan_section(manifest.get("estimate_vs_actual"))}
 
 ## Counts
 

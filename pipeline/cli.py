@@ -60,7 +60,7 @@ def _check_writable(out: Path) -> None:
         _fail(f"cannot write to {out}: {exc.strerror or exc}; choose another --out")
 
 
-def _run_build(cfg_kwargs: dict) -> dict:
+def _run_build(cfg_kwargs: dict, plan_only: bool = False) -> dict:
     from pipeline.config import BuildConfig
     from pipeline.stages import ConfigError
     from pipeline.work import BuildExistsError, WorkDir
@@ -69,6 +69,9 @@ def _run_build(cfg_kwargs: dict) -> dict:
         cfg = BuildConfig.model_validate(cfg_kwargs)
     except ValidationError as exc:
         _fail(_friendly(exc))
+    _print_plan(cfg)
+    if plan_only:
+        raise typer.Exit(0)
     _check_writable(cfg.out)
     from pipeline.sources import input_hashes
 
@@ -100,6 +103,16 @@ def _run_build(cfg_kwargs: dict) -> dict:
         if stopper.signalled.is_set():  # the build ended before the stop caught it
             stopper.finish(0, None)
     return summary
+
+
+def _print_plan(cfg) -> None:
+    """The plan before any paid or long work (`pipeline.plan`); one line when none can be made."""
+    from pipeline.plan import plan_for_config, render_plan
+
+    try:  # plain markdown: a table of 9 columns wraps badly in a rich table
+        console.print(render_plan(plan_for_config(cfg)), markup=False, soft_wrap=True)
+    except ValueError as exc:
+        console.print(f"no build plan: {exc}")
 
 
 STOP_GRACE_S = 5.0  # after Ctrl-C/SIGTERM: how long requests and chunks in flight may take
@@ -345,6 +358,12 @@ def build(
         Optional[str],  # noqa: UP045
         typer.Option(help="image model (openai / diffusers) or CLIP model (retrieve)"),
     ] = None,
+    plan: Annotated[
+        bool,
+        typer.Option(
+            "--plan", help="print the build plan (requests, images, edits, time, cost) and exit"
+        ),
+    ] = False,
 ) -> None:
     """Build OKEDIT: gather, annotate, images, QC, BalancEdit validation, local publish."""
     validation: dict = {
@@ -388,7 +407,8 @@ def build(
             },
             "validation": validation,
             "publish": {"repo_id": repo_id, "private": private},
-        }
+        },
+        plan_only=plan,
     )
 
 

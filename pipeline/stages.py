@@ -417,10 +417,13 @@ def collect(cfg: BuildConfig, n_chunks: int) -> tuple[list[OkeditRecord], list[R
     return records, rejected, stage_counts
 
 
-def finalize(cfg: BuildConfig, n_chunks: int, n_in: int) -> dict:
+def finalize(
+    cfg: BuildConfig, n_chunks: int, n_in: int, stage_seconds: dict[str, float] | None = None
+) -> dict:
     """Publish the local folder; returns the summary (in = published + rejected, + deferred
     when items wait for a re-run: those are listed in rejected.jsonl with `deferred: true`)."""
     from pipeline.check import filter_by_check
+    from pipeline.plan import resolved_image_model
     from pipeline.publish import publish_local, resolved_validation
 
     records, rejected, stage_counts = collect(cfg, n_chunks)
@@ -450,12 +453,26 @@ def finalize(cfg: BuildConfig, n_chunks: int, n_in: int) -> dict:
         from pipeline.annotate import llm_usage
 
         manifest["llm"] = llm_usage(cfg)
+    manifest["image_model"] = resolved_image_model(cfg)
+    if stage_seconds:  # this run's wall time per stage, against the plan's estimate
+        manifest["stage_seconds"] = stage_seconds
+        manifest["estimate_vs_actual"] = plan_rows(cfg, manifest)
     paths = publish_local(records, rejected, cfg.out, manifest, resolved_validation(cfg.validation))
     return {
         "counts": counts,
         "stages": stage_counts,
         "paths": {k: str(v) for k, v in paths.items()},
     }
+
+
+def plan_rows(cfg: BuildConfig, manifest: dict) -> list[dict]:
+    """The plan's estimates next to what the build measured ([] when no plan can be made)."""
+    from pipeline.plan import estimate_vs_actual, plan_for_config
+
+    try:
+        return estimate_vs_actual(plan_for_config(cfg), manifest)
+    except ValueError:  # e.g. a split of unknown size without --limit
+        return []
 
 
 def missing_chunks(cfg: BuildConfig, stage: str, n_chunks: int) -> list[int]:

@@ -143,3 +143,29 @@ def test_other_build_in_same_folder_is_refused(built, tmp_path):
     assert result.returncode == 2
     assert "holds a different build" in result.stderr
     assert (cfg.out / "manifest.json").exists()
+
+
+def test_plan_prints_and_claims_nothing(tmp_path):
+    out = tmp_path / "o"
+    result = _okedit("build", "--plan", "--limit", "7", "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Build plan: 7 items from flagworld" in result.stdout
+    assert "| validate | cpu | 0 | 0 | 7 |" in result.stdout
+    assert not out.exists()  # a plan pays nothing and leaves no folder
+
+
+def test_manifest_and_card_hold_estimate_against_actual(built):
+    cfg, _ = built
+    manifest = json.loads((cfg.out / "manifest.json").read_text())
+    assert set(manifest["stage_seconds"]) == {
+        "gather",
+        "annotate",
+        "images",
+        "assemble",
+        "validate",
+    }
+    rows = {(r["stage"], r["quantity"]): r for r in manifest["estimate_vs_actual"]}
+    validate = rows[("validate", "seconds")]
+    assert validate["estimate"] > 0 and validate["actual"] == manifest["stage_seconds"]["validate"]
+    assert rows[("validate", "edits")]["actual"] == manifest["stages"]["validate"]["ok"]
+    assert "## Estimate vs actual" in (cfg.out / "README.md").read_text()
