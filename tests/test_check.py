@@ -192,20 +192,27 @@ def test_text_similarity_flags_far_rephrases_and_paraphrased_negatives(similarit
     assert clean.status == "sound" and clean.reasons == []
 
 
-def test_another_fact_sharing_the_answer_string_is_no_defect(similarity) -> None:
-    # "which country uses this flag?" -> "luxembourg" next to the capital "luxembourg"
+def test_a_shared_answer_string_counts_only_with_close_wording(similarity) -> None:
+    """Another fact may share the original's string ("luxembourg": capital and country):
+    far wording is no defect; close wording is dropped as asking the same fact (MiniLM puts
+    "which country uses this flag?" at 0.85 from the capital question: measured, accepted)."""
     item = record(answers=["luxembourg"] * 10, original_answer="luxembourg")
-    negatives = item.text_negatives
-    negatives[0] = TextNegative(question="which country uses this flag?", answer="luxembourg")
     rows = probes(edit_0="luxembourg", text_negative_0="luxembourg")
     for p in rows:
         if p.kind in ("rephrase", "image_rephrase", "train_pos"):
             p.pre_answer = "luxembourg"
     rows[[p.kind for p in rows].index("text_negative")].expected = "luxembourg"
-    check = check_item(
-        item.model_copy(update={"text_negatives": negatives}), rows, CheckConfig(), similarity
-    )
-    assert check.status == "sound" and check.reasons == []
+
+    def check(question: str):
+        negatives = list(item.text_negatives)
+        negatives[0] = TextNegative(question=question, answer="luxembourg")
+        changed = item.model_copy(update={"text_negatives": negatives})
+        return check_item(changed, rows, CheckConfig(), similarity)
+
+    far = check("which grand duchy is this?")
+    assert far.status == "sound" and far.reasons == []
+    close = check("which country uses this flag?")
+    assert close.status == "sound" and dropped_probes(close) == {"text_negative[0]"}
 
 
 def test_dropping_prunes_the_record_and_renumbers_the_probes() -> None:
