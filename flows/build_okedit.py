@@ -110,18 +110,103 @@ def build_okedit(
     seed: int | None = None,
     out: str | None = None,
     repo_id: str | None = None,
+    out_root: str | None = None,
 ) -> dict:
     """Gather → annotate → images → build (QC) → validate (BalancEdit) → publish.
 
     `config` carries every setting; the flat parameters override it, so a deployment can
     be run with `-p limit=100` alone. `repo_id` also pushes the result to the Hub.
+
+    Where it writes: `out` (or `config.out`) is one folder (a re-run resumes, another build
+    there is refused). `out_root` is a root of versions: the build goes to
+    `out_root/<version>/` and `out_root/LATEST` names the last completed one; a build that
+    is already complete (and pushed) there is a no-op. A deployment run given neither gets
+    `$OKEDIT_HOME/okedit-builds` (the environment of the process running the flow, read
+    when it runs) as its `out_root` (docs/deploy.md).
     """
+    out_explicit = out is not None or (config is not None and "out" in config.model_fields_set)
+    root = resolve_out_root(out_root, out_explicit, runtime.deployment.id)
     overrides = {"source": source, "limit": limit, "seed": seed, "out": out, "repo_id": repo_id}
     cfg = _apply_overrides(config, overrides)
+    if root is not None:
+        return _build_version(cfg, root)
     work = WorkDir(cfg.out)
     resumed = work.claim(cfg.fingerprint(), cfg.describe(), input_hashes(cfg.source))
     with work.lock(), _own_sigterm():
         return _build(cfg, resumed)
+
+
+DEFAULT_ROOT = "okedit-builds"
+
+
+def resolve_out_root(
+    out_root: str | None, out_explicit: bool, deployment_id: str | None
+) -> Path | None:
+    """The root of versions of this run, or None for a one-folder build.
+
+    `out_root` wins; with an explicit `out` too the run is refused (ambiguous). A
+    deployment run with neither builds versions under `$OKEDIT_HOME/okedit-builds`
+    (`./okedit-builds` when OKEDIT_HOME is unset), read now, in the process running the
+    flow. Anything else (`okedit build`, a flow called in Python) keeps `config.out`."""
+    if out_root:
+        if out_explicit:
+            raise ValueError("give either out (one folder) or out_root (versions), not both")
+        return Path(out_root)
+    if out_explicit or deployment_id is None:
+        return None
+    return Path(os.environ.get("OKEDIT_HOME") or ".") / DEFAULT_ROOT
+
+
+def _build_version(cfg: BuildConfig, root: Path) -> dict:
+    """Build `cfg` as a version under `root` (see `build_okedit`); returns the summary with
+    `version`, `noop` and `latest`."""
+    from pipeline import work as versions
+
+    logger = get_run_logger()
+    fingerprint, inputs = cfg.fingerprint(), input_hashes(cfg.source)
+    version = versions.version_id(fingerprint, inputs)
+    publish = cfg.publish
+    if publish.repo_id and not publish.revision:
+        publish = publish.model_copy(update={"revision": versions.version_revision(version)})
+    cfg = cfg.model_copy(update={"out": root / version, "publish": publish})
+    hub = (publish.repo_id, publish.revision) if publish.repo_id else None
+    work = WorkDir(cfg.out)
+    resumed = work.claim(fingerprint, cfg.describe(), inputs)
+    with work.lock(), _own_sigterm():
+        record = versions.read_version_record(cfg.out)
+        why = versions.version_is_done(record, fingerprint, inputs, hub)
+        if why is not None:
+            previous = versions.read_latest(root)
+            versions.set_latest(root, version)
+            logger.info(
+                "no-op: version %s in %s is already %s; nothing built or pushed again; LATEST %s",
+                version,
+                root,
+                why,
+                "unchanged" if previous == version else f"moved from {previous} to {version}",
+            )
+            summary = {**record["summary"], "version": version, "noop": True, "noop_reason": why}
+            summary["latest"] = version
+            summary["hub_pushes"] = record.get("hub", [])
+            create_markdown_artifact(
+                key="okedit-summary",
+                markdown=f"# OKEDIT build: no-op\n\nVersion `{version}` in `{root}` is "
+                f"already {why}. Nothing was built or pushed again; `LATEST` = `{version}`.",
+            )
+            return summary
+        summary = _build(cfg, resumed)
+        pushed = None
+        if summary.get("hub"):  # push_to_hub verified it, or the run failed before here
+            pushed = {
+                "repo_id": publish.repo_id,
+                "revision": publish.revision,
+                "commit_url": summary["hub"].get("commit_url"),
+            }
+        plain = {k: v for k, v in summary.items() if k != "hub"}
+        versions.write_version_record(cfg.out, version, fingerprint, inputs, plain, pushed)
+        versions.set_latest(root, version)
+    logger.info("version %s built in %s; LATEST = %s", version, cfg.out, version)
+    return {**summary, "version": version, "noop": False, "latest": version}
 
 
 # `okedit build`'s SIGTERM handler (pipeline.cli: stop sending, keep finished chunks, stop

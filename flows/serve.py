@@ -1,48 +1,95 @@
 """Serve the `build-okedit` deployment from this process (`okedit serve`, `python -m flows.serve`).
 
-`prefect deployment run build-okedit/build-okedit -p limit=100` then starts a run here.
-Runs of this deployment never overlap (limit 1), and the flow itself holds a lock on its
-output folder, so two builds never publish into the same place at once.
+One definition: the parameters, schedules, concurrency limit, tags and description are
+read from prefect.yaml's `build-okedit` entry, the one `prefect deploy` registers on the
+`okedit` work pool. A served deployment has no work pool (this process runs its runs), so
+it is registered under its own name, `build-okedit/build-okedit-served`: the two never
+overwrite each other. `prefect deployment run build-okedit/build-okedit-served -p limit=100`
+starts a run here. Runs never overlap (deployment concurrency limit 1, as in prefect.yaml,
+and this process runs one at a time), and each build holds a lock on its output folder.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from flows.build_okedit import build_okedit
 
-DEPLOYMENT_NAME = "build-okedit"
+PREFECT_YAML = Path(__file__).resolve().parent.parent / "prefect.yaml"
+POOL_DEPLOYMENT = "build-okedit"  # prefect.yaml's entry (work pool `okedit`)
+DEPLOYMENT_NAME = "build-okedit-served"  # this process's deployment
+
+
+def definition(path: Path = PREFECT_YAML) -> dict[str, Any]:
+    """prefect.yaml's `build-okedit` deployment entry."""
+    import yaml
+
+    spec = yaml.safe_load(Path(path).read_text())
+    return next(d for d in spec["deployments"] if d["name"] == POOL_DEPLOYMENT)
+
+
+def serve_options(
+    cron: str | None = None,
+    interval_s: int | None = None,
+    parameters: dict[str, Any] | None = None,
+    no_schedule: bool = False,
+) -> dict[str, Any]:
+    """The keyword arguments of `build_okedit.serve`: prefect.yaml's definition, with the
+    command line's schedule (replacing prefect.yaml's) and parameters (merged over them)."""
+    from prefect.schedules import Cron, Interval
+
+    spec = definition()
+    if no_schedule:
+        schedules = []
+    elif cron or interval_s:
+        schedules = [Cron(cron, timezone="UTC")] if cron else [Interval(interval_s)]
+    else:
+        schedules = [
+            Cron(s["cron"], timezone=s.get("timezone"), active=s.get("active", True))
+            for s in spec.get("schedules") or []
+        ]
+    return {
+        "name": DEPLOYMENT_NAME,
+        "description": spec.get("description"),
+        "tags": spec.get("tags"),
+        "parameters": {**(spec.get("parameters") or {}), **(parameters or {})},
+        "schedules": schedules,
+        "global_limit": spec.get("concurrency_limit"),  # the deployment's concurrency limit
+        "limit": 1,  # runs this process executes at once
+        "pause_on_shutdown": False,  # a restart of the server process must not stop the schedule
+    }
 
 
 def serve(
     cron: str | None = None,
     interval_s: int | None = None,
     parameters: dict[str, Any] | None = None,
+    no_schedule: bool = False,
 ) -> None:
     """Register the deployment and poll for its runs until interrupted."""
-    build_okedit.serve(
-        name=DEPLOYMENT_NAME,
-        cron=cron,
-        interval=interval_s,
-        parameters=parameters or {},
-        pause_on_shutdown=False,  # a restart of the server process must not stop the schedule
-        limit=1,
-        tags=["okedit"],
-    )
+    build_okedit.serve(**serve_options(cron, interval_s, parameters, no_schedule))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Serve the build-okedit deployment.")
-    parser.add_argument("--cron", help="schedule, e.g. '0 3 * * 1'")
+    parser.add_argument("--cron", help="schedule (UTC), e.g. '0 3 * * 1'; default: prefect.yaml's")
     parser.add_argument("--interval-s", type=int, help="or: every N seconds")
+    parser.add_argument("--no-schedule", action="store_true", help="manual runs only")
     parser.add_argument("--limit", type=int, help="default limit of runs")
-    parser.add_argument("--out", help="default output folder of runs")
+    parser.add_argument("--out-root", help="root of versions (default $OKEDIT_HOME/okedit-builds)")
+    parser.add_argument("--out", help="or: one output folder (resumes; other builds refused)")
     parser.add_argument("--repo-id", help="also push every build to this Hub dataset repo")
     args = parser.parse_args(argv)
-    defaults = {"limit": args.limit, "out": args.out, "repo_id": args.repo_id}
+    defaults = {
+        "limit": args.limit,
+        "out_root": args.out_root,
+        "out": args.out,
+        "repo_id": args.repo_id,
+    }
     parameters = {k: v for k, v in defaults.items() if v is not None}
-    serve(cron=args.cron, interval_s=args.interval_s, parameters=parameters)
+    serve(args.cron, args.interval_s, parameters, args.no_schedule)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,9 +12,12 @@ Per item, in three levels (each needs the answers of the one before):
 1. image_object(A), target B;
 2. 3 counterfact votes, 10 + 3 rephrases, C and D;
 3. image_object(C), image_object(D), k text negatives.
-That is 10 requests when nothing needs a re-ask. With `LLMConfig.batch_mode` the items run
-in rounds: each round queues the requests whose inputs are known, sends them as one OpenAI
-Batch API job, waits for it and continues from the cache (3 rounds + 1 per re-ask).
+That is 10 requests when nothing needs a re-ask, plus one for the image-free locality
+question (EasyEdit's `loc`) when `image_free_locality` is on (builds turn it on), unless a
+`text_locality_file` gives it (`TextLocalityPool`: one pair per item by id and seed).
+With `LLMConfig.batch_mode` the items run in rounds: each round queues the requests whose
+inputs are known, sends them as one OpenAI Batch API job, waits for it and continues from
+the cache (3 rounds + 1 per re-ask).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from schemas.record import (
     Annotation,
     CounterfactType,
     FieldProvenance,
+    ImageFreeQuestion,
     Rejection,
     SourceItem,
     TextNegative,
@@ -115,6 +119,7 @@ TEMPLATE_IDS = (
     "rephrases",
     "locality",
     "text_negatives",
+    "image_free_locality",
 )
 
 
@@ -155,6 +160,11 @@ class TextNegativeOut(_Out):
 
 class TextNegativesOut(_Out):
     text_negatives: list[TextNegativeOut]
+
+
+class ImageFreeLocalityOut(_Out):
+    question: str
+    answer: str
 
 
 def counted(model: type[T], **counts: int) -> type[T]:
@@ -256,6 +266,99 @@ def negative_problems(
     return problems
 
 
+# words that make a question point at an image it does not have
+_IMAGE_REFERENCE = re.compile(
+    r"\b(this|that|these|those|shown|pictured|depicted|visible|"
+    r"(the|this|that) (picture|image|photo|photograph|scene))\b",
+    re.IGNORECASE,
+)
+
+
+def image_free_problems(
+    question: str, answer: str, forbidden: list[str], item_question: str, max_cos: float
+) -> list[str]:
+    """Why a pair cannot be the item's image-free locality question (EasyEdit's `loc`):
+    empty, refers to an image, answers with one of the item's answers or its target, or is
+    related to the item's question (MiniLM cosine >= `max_cos`)."""
+    if not normalize_answer(question):
+        return ["image-free question is empty"]
+    problems = answer_problems(answer, forbidden, "image-free answer")
+    found = _IMAGE_REFERENCE.search(question)
+    if found:
+        problems.append(f"image-free question refers to an image ({found.group(0)!r})")
+    if not problems:
+        from pipeline.similarity import SimilarityChecker
+
+        cos = SimilarityChecker().cosine([question], [item_question])[0][0]
+        if cos >= max_cos:
+            problems.append(f"image-free question related to the item (cos {cos:.2f})")
+    return problems
+
+
+@dataclass(frozen=True)
+class TextLocalityPair:
+    question: str
+    answer: str
+    line: int  # 1-based line of the file
+    source: str = ""  # "nq": the export prefixes "nq question: "
+
+
+class TextLocalityPool:
+    """Image-free {question, answer} pairs from a JSONL file (`--text-locality`), one per
+    item, chosen by a hash of the seed and the item id (so the same in every chunk and
+    re-run, and different across items as far as the file allows), skipping pairs whose
+    answer is one of the item's answers or its target."""
+
+    def __init__(self, path: Path, seed: int = 0):
+        self.path, self.seed = Path(path), seed
+        self.pairs = load_text_locality(self.path)
+        from pipeline.sources import file_sha256
+
+        self.sha256 = file_sha256(self.path)
+
+    def pick(self, item_id: str, forbidden: list[str]) -> TextLocalityPair | None:
+        bad = {normalize_answer(f) for f in forbidden}
+        key = hashlib.sha256(f"{self.seed}:{item_id}".encode()).digest()
+        start = int.from_bytes(key[:8], "big") % len(self.pairs)
+        for offset in range(len(self.pairs)):
+            pair = self.pairs[(start + offset) % len(self.pairs)]
+            if normalize_answer(pair.answer) not in bad:
+                return pair
+        return None
+
+
+def load_text_locality(path: Path) -> list[TextLocalityPair]:
+    """The pairs of a `--text-locality` JSONL file; any problem is a one-line ValueError
+    naming the file and line (FileNotFoundError for a missing file)."""
+    where = f"--text-locality {path}"
+    if not path.is_file():
+        raise FileNotFoundError(f"{where}: no such file")
+    pairs: list[TextLocalityPair] = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where} line {n}: not JSON ({exc.msg})") from None
+            if not isinstance(data, dict):
+                raise ValueError(f"{where} line {n}: not a JSON object")
+            values = [data.get(k) for k in ("question", "answer")]
+            if not all(isinstance(v, str) and clean(v) for v in values):
+                raise ValueError(f"{where} line {n}: needs non-empty string question and answer")
+            source = data.get("source", "")
+            if not isinstance(source, str):
+                raise ValueError(f"{where} line {n}: source must be a string")
+            question, answer = (clean(v) for v in values)
+            if _IMAGE_REFERENCE.search(question):
+                raise ValueError(f"{where} line {n}: the question refers to an image")
+            pairs.append(TextLocalityPair(question, answer, n, source.strip().lower()))
+    if not pairs:
+        raise ValueError(f"{where}: no question/answer pairs")
+    return pairs
+
+
 def majority(votes: list[str]) -> str | None:
     """The label more than half of the votes agree on, else None."""
     if not votes:
@@ -278,6 +381,11 @@ class LLMAnnotatorConfig(BaseModel):
     retries: int = Field(2, ge=0)  # re-asks after a malformed or invalid answer
     max_batch_rounds: int = Field(12, ge=1)  # batch mode: 3 rounds + one per re-ask level
     prompts_dir: Path | None = None  # None: the templates shipped in pipeline/prompts
+    # EasyEdit's `loc`: pairs from this JSONL file, else (when on) asked of the LLM
+    text_locality_file: Path | None = None
+    text_locality_seed: int = 0
+    image_free_locality: bool = False  # ask the LLM for it (builds turn it on)
+    image_free_max_cos: float = Field(0.5, ge=-1, le=1)  # MiniLM cos to the item's question
 
 
 class AnnotationReport(BaseModel):
@@ -324,6 +432,15 @@ class LLMAnnotator:
         self.client = client or LLMClient(config.llm)
         prompts = config.prompts_dir or PROMPTS_DIR
         self.templates = {t: load_template(t, prompts) for t in TEMPLATE_IDS}
+        self.text_locality = (
+            TextLocalityPool(config.text_locality_file, config.text_locality_seed)
+            if config.text_locality_file is not None
+            else None
+        )  # read and checked here, so that preflight reports a bad file
+        if config.image_free_locality and self.text_locality is None:
+            from pipeline.similarity import SimilarityChecker
+
+            SimilarityChecker()  # load MiniLM here: transformers' lazy imports race in threads
         self.on_result = on_result
         self._lock = threading.Lock()
         self._report = AnnotationReport()
@@ -462,10 +579,11 @@ class _ItemRun:
             lambda: self.rephrases(target),
             lambda: self.locality(target),
         )
-        c_object, d_object, negatives = self.level(
+        c_object, d_object, negatives, image_free = self.level(
             lambda: self.image_object("locality_image_object", c),
             lambda: self.image_object("locality_image_train_object", d),
             lambda: self.text_negatives(image_object, rephrases + train),
+            lambda: self.image_free_locality(target),
         )
         return Annotation(
             item_id=self.item.item_id,
@@ -481,6 +599,7 @@ class _ItemRun:
             locality_answer_train=d,
             locality_image_train_object=d_object,
             text_negatives=negatives,
+            image_free_locality=image_free,
             provenance=self.provenance,
         )
 
@@ -636,6 +755,45 @@ class _ItemRun:
         )
         return convert(out)
 
+    def image_free_locality(self, target: str) -> ImageFreeQuestion | None:
+        """EasyEdit's `loc`/`loc_ans`: from the text-locality file, else asked of the LLM
+        (when on), else None."""
+        forbidden = [*self.answers, target]
+        pool = self.a.text_locality
+        if pool is not None:
+            pair = pool.pick(self.item.item_id, forbidden)
+            if pair is None:
+                why = "every text-locality pair repeats an answer"
+                raise _FieldFailed("image_free_locality", "validation", why)
+            params = {"line": pair.line, "file_sha256": pool.sha256}
+            if pair.source:
+                params["source"] = pair.source
+            self.provenance.append(
+                FieldProvenance(
+                    field="image_free_locality",
+                    backend="text-locality-file",
+                    seed=pool.seed,
+                    params=json.dumps(params, sort_keys=True),
+                )
+            )
+            return ImageFreeQuestion(question=pair.question, answer=pair.answer)
+        if not self.cfg.image_free_locality:
+            return None
+        out = self.ask(
+            "image_free_locality",
+            ImageFreeLocalityOut,
+            {"question": self.item.question, "answers": self.answers_text, "target": target},
+            lambda o: image_free_problems(
+                clean(o.question),
+                clean(o.answer),
+                forbidden,
+                self.item.question,
+                self.cfg.image_free_max_cos,
+            ),
+            fields=["image_free_locality"],
+        )
+        return ImageFreeQuestion(question=clean(out.question), answer=clean(out.answer))
+
     # ---- the request loop
 
     def ask(
@@ -734,7 +892,12 @@ def annotator_config(config: Any) -> LLMAnnotatorConfig:
         llm["cache_path"] = Path(cache_dir) / "llm-cache.sqlite"
     if "build_id" not in llm and hasattr(config, "fingerprint"):
         llm["build_id"] = build_id(config)
-    return LLMAnnotatorConfig(llm=LLMConfig.model_validate(llm))
+    return LLMAnnotatorConfig(
+        llm=LLMConfig.model_validate(llm),
+        text_locality_file=getattr(settings, "text_locality_file", None),
+        text_locality_seed=getattr(config, "seed", 0) or 0,
+        image_free_locality=True,  # a build's records need EasyEdit's `loc`
+    )
 
 
 def build_id(config: Any) -> str:

@@ -358,6 +358,14 @@ def build(
         Optional[str],  # noqa: UP045
         typer.Option(help="image model (openai / diffusers) or CLIP model (retrieve)"),
     ] = None,
+    text_locality: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(
+            "--text-locality",
+            help="JSONL of image-free {question, answer} pairs (e.g. NQ-open; a line's "
+            '"source": "nq" marks NQ) for EasyEdit\'s loc; default: the LLM writes one',
+        ),
+    ] = None,
     plan: Annotated[
         bool,
         typer.Option(
@@ -404,6 +412,7 @@ def build(
                 "llm_model": llm_model,
                 **({"concurrency": llm_concurrency} if llm_concurrency else {}),
                 "llm": {k: v for k, v in llm_limits.items() if v is not None},
+                **({"text_locality_file": text_locality} if text_locality else {}),
             },
             "validation": validation,
             "publish": {"repo_id": repo_id, "private": private},

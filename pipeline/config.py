@@ -58,10 +58,26 @@ class AnnotatorSettings(BaseModel):
     concurrency: int = Field(16, ge=1)  # LLM requests in flight for the whole build
     # any other `pipeline.llm.LLMConfig` field (rate limits, prices, budget, batch mode)
     llm: dict[str, Any] = Field(default_factory=dict)
+    # JSONL of image-free {question, answer} pairs (e.g. NQ-open) for EasyEdit's `loc`;
+    # None: the LLM annotator writes one per item (the offline annotator always does)
+    text_locality_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _text_locality_needs_llm(self) -> AnnotatorSettings:
+        if self.text_locality_file is not None and self.kind != "llm":
+            raise ValueError(
+                "--text-locality needs --annotator llm (the offline annotator writes its own)"
+            )
+        return self
 
     def described(self) -> dict:
-        """What defines the annotations: no keys, limits or budgets (see LLM_RUNTIME_FIELDS)."""
-        described = self.model_dump(mode="json", exclude={"concurrency"})
+        """What defines the annotations: no keys, limits or budgets (see LLM_RUNTIME_FIELDS).
+        The text-locality file by its sha256, not its path (`pipeline.sources.file_sha256`)."""
+        described = self.model_dump(mode="json", exclude={"concurrency", "text_locality_file"})
+        if self.text_locality_file is not None:
+            from pipeline.sources import file_sha256
+
+            described["text_locality_sha256"] = file_sha256(self.text_locality_file)
         described["llm"] = {
             k: v for k, v in described["llm"].items() if k not in LLM_RUNTIME_FIELDS
         }

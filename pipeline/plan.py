@@ -104,10 +104,18 @@ def _missing(what: str) -> str:
 # --------------------------------------------------------------------------- counts
 
 
+# sample answers of templates newer than the calibration table
+SAMPLE_ANSWERS = {
+    "image_free_locality": '{"question": "What is the capital city of Australia?", '
+    '"answer": "canberra"}',
+}
+
+
 def llm_requests_per_item(config: LLMAnnotatorConfig) -> dict[str, int]:
     """Requests per item and template when nothing is asked again (`_ItemRun.run`):
     image_object for A, C and D; the target; `n_votes` counterfact votes; the rephrases and
-    the locality answers in one request each; the text negatives unless k = 0."""
+    the locality answers in one request each; the text negatives unless k = 0; the image-free
+    locality question when the LLM writes it (on, and no text-locality file)."""
     counts = {
         "image_object": 3,
         "target": 1,
@@ -115,6 +123,9 @@ def llm_requests_per_item(config: LLMAnnotatorConfig) -> dict[str, int]:
         "rephrases": 1,
         "locality": 1,
         "text_negatives": 1 if config.n_text_negatives > 0 else 0,
+        "image_free_locality": int(
+            config.image_free_locality and config.text_locality_file is None
+        ),
     }
     return {template: n for template, n in counts.items() if n}
 
@@ -128,6 +139,7 @@ def tokens_per_request(
     from pipeline.annotate import (
         PROMPTS_DIR,
         CounterfactTypeOut,
+        ImageFreeLocalityOut,
         ImageObjectOut,
         LocalityOut,
         RephrasesOut,
@@ -180,6 +192,10 @@ def tokens_per_request(
                 "k": k,
             },
         ),
+        "image_free_locality": (
+            ImageFreeLocalityOut,
+            {"question": item["question"], "answers": answers, "target": item["target"]},
+        ),
     }
     json_schema = config.llm.structured_output != "json_object"
     out: dict[str, tuple[int, int]] = {}
@@ -191,7 +207,8 @@ def tokens_per_request(
             prompt = estimate_tokens(messages) + schema_chars // 4
         else:  # spelled out in the system message
             prompt = estimate_tokens(json_object_messages(messages, schema))
-        completion = len(" ".join(llm["sample_answers"][template_id].split())) // 4
+        sample = llm["sample_answers"].get(template_id, SAMPLE_ANSWERS.get(template_id, ""))
+        completion = len(" ".join(sample.split())) // 4
         out[template_id] = (prompt, completion)
     return out
 

@@ -165,3 +165,103 @@ class WorkDir:
             payload["inputs"] = inputs
         _atomic_write_bytes(self.root / "build.json", json.dumps(payload, indent=2).encode())
         return False
+
+
+# ---- build versions: one folder per build identity under an output root ------------------
+#
+# ROOT/<version>/   a complete build (the usual output folder, resumable while unfinished)
+# ROOT/LATEST       text file: the version id of the last run that completed (built, or found
+#                   built = a no-op), written atomically after the version is complete and,
+#                   with a Hub target, pushed and verified.
+# ROOT/<version>/.okedit/version.json  the record that the version is complete (and where
+#                   it was pushed); written last, so its presence means "done".
+
+LATEST = "LATEST"
+VERSION_RECORD = "version.json"
+
+
+def version_id(fingerprint: str, inputs: dict[str, str] | None = None) -> str:
+    """The name of a build's version folder: its fingerprint, or, for sources read from
+    files (okvqa-files), a hash of the fingerprint and the files' content hashes, so that an
+    edited input file is a new version instead of a refused resume."""
+    if not inputs:
+        return fingerprint
+    import hashlib
+
+    blob = json.dumps({"fingerprint": fingerprint, "inputs": inputs}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def version_revision(version: str) -> str:
+    """The Hub branch a version is pushed to when the config names none."""
+    return f"v-{version}"
+
+
+def read_version_record(out: Path) -> dict | None:
+    """The completion record of the version folder `out`, or None when it is unfinished."""
+    path = Path(out) / ".okedit" / VERSION_RECORD
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def version_is_done(
+    record: dict | None, fingerprint: str, inputs: dict[str, str], hub: tuple[str, str] | None
+) -> str | None:
+    """Why a run of this identity has nothing left to do (None when it has): the version is
+    complete with this fingerprint and inputs, has no deferred items (a re-run would retry
+    them), and, when `hub` = (repo_id, revision) is set, was pushed and verified there."""
+    if not record or record.get("fingerprint") != fingerprint:
+        return None
+    if (record.get("inputs") or {}) != (inputs or {}):
+        return None
+    if record.get("summary", {}).get("counts", {}).get("deferred"):
+        return None
+    if hub is None:
+        return "complete (no Hub target)"
+    pushed = [p for p in record.get("hub", []) if (p.get("repo_id"), p.get("revision")) == hub]
+    if not pushed:
+        return None
+    return f"complete and pushed to {hub[0]}@{hub[1]} ({pushed[-1].get('commit_url')})"
+
+
+def write_version_record(
+    out: Path,
+    version: str,
+    fingerprint: str,
+    inputs: dict[str, str],
+    summary: dict,
+    hub: dict | None = None,
+) -> dict:
+    """Record the version folder `out` as complete (and, with `hub`, one more verified push,
+    keeping earlier ones). Returns the record."""
+    old = read_version_record(out) or {}
+    pushes = list(old.get("hub", []))
+    if hub:
+        pushes.append(hub)
+    record = {
+        "version": version,
+        "fingerprint": fingerprint,
+        "inputs": inputs or {},
+        "summary": summary,
+        "hub": pushes,
+    }
+    path = Path(out) / ".okedit" / VERSION_RECORD
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write_bytes(path, json.dumps(record, indent=2, default=str).encode())
+    return record
+
+
+def set_latest(root: Path, version: str) -> None:
+    """Point ROOT/LATEST at `version` (atomic replace of a one-line text file)."""
+    Path(root).mkdir(parents=True, exist_ok=True)
+    _atomic_write_bytes(Path(root) / LATEST, f"{version}\n".encode())
+
+
+def read_latest(root: Path) -> str | None:
+    """The version ROOT/LATEST points at (None when no version completed yet)."""
+    try:
+        return (Path(root) / LATEST).read_text().strip() or None
+    except FileNotFoundError:
+        return None

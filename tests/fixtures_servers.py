@@ -103,6 +103,17 @@ def _pick(question: str, avoid: set[str], count: int) -> list[str]:
     return [w for w in ordered if w not in avoid][:count]
 
 
+# image-free general-knowledge pairs (EasyEdit's `loc`) the fake LLM answers with
+GENERAL_FACTS = [
+    ("What is the chemical symbol for gold?", "au"),
+    ("Who wrote the play Romeo and Juliet?", "william shakespeare"),
+    ("What is the capital city of Australia?", "canberra"),
+    ("How many continents are there on Earth?", "seven"),
+    ("Which planet is known as the red planet?", "mars"),
+    ("In which year did the Berlin Wall fall?", "1989"),
+]
+
+
 def okedit_responder(body: dict[str, Any]) -> str:
     """Deterministic, valid answers to okedit's prompts (see pipeline/prompts)."""
     text = _user_text(body)
@@ -132,6 +143,12 @@ def okedit_responder(body: dict[str, Any]) -> str:
         target = _field(text, "Counterfactual")
         c, d = _pick(question, answers | {target}, 2)
         return json.dumps({"locality_answer": c, "locality_answer_train": d})
+    if name == "ImageFreeLocalityOut":
+        taken = answers | {_field(text, "Counterfactual")}
+        start = int(hashlib.md5(question.encode()).hexdigest(), 16) % len(GENERAL_FACTS)
+        for q, a in GENERAL_FACTS[start:] + GENERAL_FACTS[:start]:
+            if a not in taken:
+                return json.dumps({"question": q, "answer": a})
     if name == "TextNegativesOut":
         k = int(_field(text, "Count") or 3)
         base = question.rstrip("?")

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from flows.serve import DEPLOYMENT_NAME
+from flows.serve import DEPLOYMENT_NAME, POOL_DEPLOYMENT, serve_options
 from pipeline.config import TINY_MODEL
 from tests.fixtures_prefect_server import (  # noqa: F401 (pytest fixtures)
     PREFECT,
@@ -29,11 +29,30 @@ DEPLOYMENT = f"build-okedit/{DEPLOYMENT_NAME}"
 def test_prefect_yaml_declares_both_deployments():
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     by_name = {d["name"]: d for d in spec["deployments"]}
-    build = by_name[DEPLOYMENT_NAME]
+    build = by_name[POOL_DEPLOYMENT]
     assert build["entrypoint"] == "flows/build_okedit.py:build_okedit"
     assert build["concurrency_limit"] == 1 and build["work_pool"]["name"]
     shard = by_name["validate-okedit-shard"]
     assert shard["entrypoint"] == "flows/validate_shard.py:validate_okedit_shard"
+    # OKEDIT_HOME is read by the run (a shell step), never frozen by `prefect deploy`
+    assert "{{ $" not in json.dumps(spec["pull"]) and "OKEDIT_HOME" in json.dumps(spec["pull"])
+
+
+def test_serve_uses_prefect_yaml_definition_under_its_own_name():
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    build = next(d for d in spec["deployments"] if d["name"] == POOL_DEPLOYMENT)
+    options = serve_options()
+    assert options["name"] == DEPLOYMENT_NAME != POOL_DEPLOYMENT  # never overwrite each other
+    assert options["global_limit"] == build["concurrency_limit"] == 1
+    assert options["parameters"] == build["parameters"]
+    assert options["tags"] == build["tags"] and options["description"] == build["description"]
+    assert [(s.cron, s.timezone) for s in options["schedules"]] == [
+        (s["cron"], s["timezone"]) for s in build["schedules"]
+    ]
+    custom = serve_options(cron="0 1 * * *", parameters={"limit": 3})
+    assert [s.cron for s in custom["schedules"]] == ["0 1 * * *"]
+    assert custom["parameters"] == {**build["parameters"], "limit": 3}
+    assert serve_options(no_schedule=True)["schedules"] == []
 
 
 @pytest.fixture()
@@ -41,7 +60,7 @@ def served(prefect_server, tmp_path):
     """`okedit serve` against the test server; stopped (by PID) before the server."""
     proc = start(
         [sys.executable, "-m", "pipeline.cli", "serve"],
-        prefect_server.env(),
+        prefect_server.env(OKEDIT_HOME=str(tmp_path)),  # root of versions: tmp/okedit-builds
         tmp_path / "serve.log",
     )
     try:
@@ -72,3 +91,20 @@ def test_deployment_run_watch_completes(prefect_server, served, validation_model
     rows = sum(pq.ParquetFile(p).metadata.num_rows for p in (out / "data").glob("*.parquet"))
     assert rows == manifest["counts"]["published"] >= 1
     assert manifest["validation"]["validated"] == rows
+
+
+def test_deployment_runs_build_versions_under_okedit_home(prefect_server, served, tmp_path):
+    """No `out`: versions under $OKEDIT_HOME/okedit-builds (the serve process's environment,
+    read by the run); the same parameters again are a no-op, another seed a new version."""
+    quick = ["-p", "limit=2", "-p", "config=" + json.dumps({"validation": {"enabled": False}})]
+    root = tmp_path / "okedit-builds"
+    latest = []
+    for extra in ([], [], ["-p", "seed=5"]):
+        cmd = ["deployment", "run", DEPLOYMENT, *quick, *extra, "--watch", "--watch-interval", "1"]
+        result = prefect_server.cli(*cmd, timeout=240)
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, output + (tmp_path / "serve.log").read_text()[-3000:]
+        latest.append((root / "LATEST").read_text().strip())
+    assert latest[0] == latest[1] != latest[2]
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == sorted({*latest})
+    assert "no-op: version " + latest[0] in (tmp_path / "serve.log").read_text()

@@ -63,8 +63,9 @@ def test_okvqa_val_plan_equals_hand_computation() -> None:
     assert isinstance(p, BuildPlan) and p.n_items == N_VAL
 
     annotate = p.stage("annotate")
-    # per item: image_object for A, C, D; target; 3 votes; rephrases; locality; negatives
-    assert annotate.requests == N_VAL * (3 + 1 + 3 + 1 + 1 + 1) == 50_460
+    # per item: image_object for A, C, D; target; 3 votes; rephrases; locality; negatives;
+    # the image-free locality question (EasyEdit's `loc`)
+    assert annotate.requests == N_VAL * (3 + 1 + 3 + 1 + 1 + 1 + 1) == 55_506
     assert annotate.requests_by_template["counterfact_type"] == 3 * N_VAL
     tokens = tokens_per_request(_annotator_config(cfg))
     prompt = sum(annotate.requests_by_template[t] * tokens[t][0] for t in tokens)
@@ -102,7 +103,7 @@ def test_okvqa_val_plan_equals_hand_computation() -> None:
 
     text = render_plan(p)
     assert "Build plan: 5,046 items from okvqa-hub" in text
-    assert "| annotate | LLM gpt-4o-mini | 50,460 |" in text
+    assert "| annotate | LLM gpt-4o-mini | 55,506 |" in text
     assert "(the estimated stages only)" in text and "Not estimated:" in text
 
 
@@ -176,7 +177,7 @@ def test_unknown_settings_are_stated_not_invented() -> None:
     cfg.validation.model = "llava-hf/llava-1.5-7b-hf"
     other = plan(cfg, 10)
     annotate = other.stage("annotate")
-    assert annotate.requests == 100 and annotate.llm_cost_usd is None
+    assert annotate.requests == 110 and annotate.llm_cost_usd is None
     assert "no price for LLM model 'my-local-llama': cost not estimated" in annotate.notes
     assert other.stage("validate").seconds is None
     assert other.stage("validate").calibration == (
@@ -222,6 +223,7 @@ def test_requests_per_item_are_what_the_annotator_sends(tmp_path: Path) -> None:
         "RephrasesOut": "rephrases",
         "LocalityOut": "locality",
         "TextNegativesOut": "text_negatives",
+        "ImageFreeLocalityOut": "image_free_locality",
     }
     for counts in ({"n_votes": 3}, {"n_votes": 5, "n_text_negatives": 0}):
         with llm_server(responder=okedit_responder, keep_raw=True) as server:
@@ -286,9 +288,9 @@ def test_refine_from_the_first_chunk_and_estimate_vs_actual() -> None:
     assert rows[("annotate", "LLM requests")] == {
         "stage": "annotate",
         "quantity": "LLM requests",
-        "estimate": 50_460,
+        "estimate": 55_506,
         "actual": 50_500,
-        "ratio": round(50_500 / 50_460, 3),
+        "ratio": round(50_500 / 55_506, 3),
     }
     assert rows[("images", "images (accepted)")]["actual"] == 5000 * PER_ITEM_IMAGES
     assert rows[("validate", "edits")]["actual"] == 4990
