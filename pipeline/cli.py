@@ -69,8 +69,8 @@ def _run_build(cfg_kwargs: dict, plan_only: bool = False) -> dict:
         cfg = BuildConfig.model_validate(cfg_kwargs)
     except ValidationError as exc:
         _fail(_friendly(exc))
-    _print_plan(cfg)
-    if plan_only:
+    if plan_only:  # nothing claimed, nothing paid
+        _print_plan(cfg)
         raise typer.Exit(0)
     _check_writable(cfg.out)
     from pipeline.sources import input_hashes
@@ -89,6 +89,7 @@ def _run_build(cfg_kwargs: dict, plan_only: bool = False) -> dict:
         _fail(_friendly(exc))
     from flows.build_okedit import run_build
 
+    _print_plan(cfg)  # the first lines of every build, once its settings are known to work
     stopper = _Stopper(resume_command())
     with stopper.installed():
         try:
