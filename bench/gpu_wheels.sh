@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 NAMES=(transformers huggingface_hub httpx2 httpcore2 h2 hpack hyperframe sniffio truststore
-  pydantic pydantic_core annotated-types typing-inspection typing_extensions regex dill)
+  pydantic pydantic_core annotated-types typing-inspection typing_extensions regex dill
+  diffusers importlib_metadata zipp)  # diffusers: the images part of the GPU check
 SPECS=()
 for name in "${NAMES[@]}"; do
   SPECS+=("$name==$("$PY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name")")

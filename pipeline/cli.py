@@ -519,7 +519,7 @@ def tiny_train(
         typer.Option(help="stop early after this many seconds (safety net)"),
     ] = None,
 ) -> None:
-    """Train the tiny flagworld VLM (CPU, about 6 minutes) and report its accuracy."""
+    """Train the tiny flagworld VLM (CPU, 3000 steps: about 15 minutes) and report its accuracy."""
     from pipeline.tiny_model import default_model_dir, train_flagworld_vlm
 
     options = {"steps": steps} if steps else {}
