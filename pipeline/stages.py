@@ -1,14 +1,16 @@
 """The build as chunk-level stage functions over a `WorkDir`.
 
 Each function reads its inputs from the previous stage's chunk files, calls the plain stage
-function, and writes its own chunk (skipping chunks already done, which is what makes a
-re-run resume). They take only small, hashable arguments (a config, a chunk index, ids),
-so Prefect can wrap them as cached tasks without moving images through its results.
+function, and writes its own chunk, skipping chunks already done, which is what makes a
+re-run resume (`run_chunk` is that skeleton, once). They take only small, hashable arguments
+(a config, a chunk index, ids), so Prefect can wrap them as cached tasks without moving
+images through its results.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
@@ -286,21 +288,32 @@ def chunked(ids: list[str], size: int) -> list[list[str]]:
     return [ids[i : i + size] for i in range(0, len(ids), size)]
 
 
-def gather_chunk(cfg: BuildConfig, index: int, ids: list[str]) -> dict[str, int]:
+StageResult = tuple[list, list[Rejection]]
+
+
+def run_chunk(
+    cfg: BuildConfig, stage: str, index: int, step: Callable[[WorkDir], StageResult]
+) -> dict[str, int]:
+    """The one skeleton of every chunk: skip a finished chunk (what makes a re-run resume),
+    else run `step` on the build's files and write its results, the done-marker last."""
     work = WorkDir(cfg.out)
-    if work.is_done("gather", index):
-        return work.chunk_counts("gather", index)
-    _starting("gather", index)
-    results = _source(cfg.model_dump_json()).load_items(ids)
-    ok, rejected = split_ok(results)
-    # an id the source silently skipped is still accounted for
-    seen = {r.item_id for r in results}
-    rejected += [
-        Rejection(item_id=i, stage="gather", reason="not returned by source")
-        for i in ids
-        if i not in seen
-    ]
-    return work.write_chunk("gather", index, ok, rejected)
+    if work.is_done(stage, index):
+        return work.chunk_counts(stage, index)
+    _starting(stage, index)
+    ok, rejected = step(work)
+    return work.write_chunk(stage, index, ok, rejected)
+
+
+def gather_chunk(cfg: BuildConfig, index: int, ids: list[str]) -> dict[str, int]:
+    def step(work: WorkDir) -> StageResult:
+        results = _source(cfg.model_dump_json()).load_items(ids)
+        ok, rejected = split_ok(results)
+        seen = {r.item_id for r in results}  # an id the source skipped is still accounted for
+        missing = [i for i in ids if i not in seen]
+        reason = "not returned by source"
+        return ok, rejected + [Rejection(item_id=i, stage="gather", reason=reason) for i in missing]
+
+    return run_chunk(cfg, "gather", index, step)
 
 
 def annotate_chunk(cfg: BuildConfig, index: int) -> dict[str, int]:
@@ -338,30 +351,25 @@ def _retry_deferred(
 
 
 def images_chunk(cfg: BuildConfig, index: int) -> dict[str, int]:
-    work = WorkDir(cfg.out)
-    if work.is_done("images", index):
-        return work.chunk_counts("images", index)
-    _starting("images", index)
-    items = {i.item_id: i for i in work.read_ok("gather", index, SourceItem)}
-    anns = work.read_ok("annotate", index, Annotation)
-    pairs = [(items[a.item_id], a) for a in anns]
-    results = _image_backend(cfg.model_dump_json()).make_images(pairs) if pairs else []
-    ok, rejected = split_ok(stamped(results))
-    return work.write_chunk("images", index, ok, rejected)
+    def step(work: WorkDir) -> StageResult:
+        items = {i.item_id: i for i in work.read_ok("gather", index, SourceItem)}
+        pairs = [(items[a.item_id], a) for a in work.read_ok("annotate", index, Annotation)]
+        results = _image_backend(cfg.model_dump_json()).make_images(pairs) if pairs else []
+        return split_ok(stamped(results))
+
+    return run_chunk(cfg, "images", index, step)
 
 
 def assemble_chunk(cfg: BuildConfig, index: int) -> dict[str, int]:
-    work = WorkDir(cfg.out)
-    if work.is_done("assemble", index):
-        return work.chunk_counts("assemble", index)
-    _starting("assemble", index)
-    records, rejected = build_records(
-        work.read_ok("gather", index, SourceItem),
-        work.read_ok("annotate", index, Annotation),
-        work.read_ok("images", index, ItemImages),
-        cfg.quality,
-    )
-    return work.write_chunk("assemble", index, records, rejected)
+    def step(work: WorkDir) -> StageResult:
+        return build_records(
+            work.read_ok("gather", index, SourceItem),
+            work.read_ok("annotate", index, Annotation),
+            work.read_ok("images", index, ItemImages),
+            cfg.quality,
+        )
+
+    return run_chunk(cfg, "assemble", index, step)
 
 
 @lru_cache(maxsize=1)
@@ -374,17 +382,16 @@ def _adapter(model_json: str):
 
 
 def validate_chunk(cfg: BuildConfig, index: int) -> dict[str, int]:
-    """Edit the model once per record and store the scope verdict; errors stay per item."""
-    work = WorkDir(cfg.out)
-    if work.is_done("validate", index):
-        return work.chunk_counts("validate", index)
-    _starting("validate", index)
-    records = work.read_ok("assemble", index, OkeditRecord)
-    if cfg.validation.enabled and records:
+    """Edit the model once per record and store both outcomes; errors stay per item."""
+
+    def step(work: WorkDir) -> StageResult:
+        records = work.read_ok("assemble", index, OkeditRecord)
+        if not (cfg.validation.enabled and records):
+            return records, []
         from pipeline.validate import validate_records
 
         model_settings = cfg.validation.model_settings()
-        records = validate_records(
+        validated = validate_records(
             records,
             cfg.validation.editor_settings(),
             model_settings,
@@ -392,7 +399,9 @@ def validate_chunk(cfg: BuildConfig, index: int) -> dict[str, int]:
             show_progress=False,  # the flow shows its own progress
             check=cfg.validation.check,
         )
-    return work.write_chunk("validate", index, records, [])
+        return validated, []
+
+    return run_chunk(cfg, "validate", index, step)
 
 
 def collect(cfg: BuildConfig, n_chunks: int) -> tuple[list[OkeditRecord], list[Rejection], dict]:
