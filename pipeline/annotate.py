@@ -13,7 +13,7 @@ Per item, in three levels (each needs the answers of the one before):
 2. 3 counterfact votes, 10 + 3 rephrases, C and D;
 3. image_object(C), image_object(D), k text negatives.
 That is 10 requests when nothing needs a re-ask, plus one for the image-free locality
-question (EasyEdit's `loc`) when `image_free_locality` is on (builds turn it on), unless a
+question (EasyEdit's `loc`) when `image_free_locality` is on (the default), unless a
 `text_locality_file` gives it (`TextLocalityPool`: one pair per item by id and seed).
 With `LLMConfig.batch_mode` the items run in rounds: each round queues the requests whose
 inputs are known, sends them as one OpenAI Batch API job, waits for it and continues from
@@ -384,7 +384,7 @@ class LLMAnnotatorConfig(BaseModel):
     # EasyEdit's `loc`: pairs from this JSONL file, else (when on) asked of the LLM
     text_locality_file: Path | None = None
     text_locality_seed: int = 0
-    image_free_locality: bool = False  # ask the LLM for it (builds turn it on)
+    image_free_locality: bool = True  # ask the LLM for it (every path fills the field)
     image_free_max_cos: float = Field(0.5, ge=-1, le=1)  # MiniLM cos to the item's question
 
 

@@ -5,6 +5,9 @@ EasyEdit silently drops items with an empty field, so the export refuses them in
 object also carries the OKEDIT `item_id`, which EasyEdit's loaders ignore, so that results
 can be joined back to the parquet.
 
+`loc` carries MMEdit's `"nq question: "` prefix only when the record's pair came from
+Natural Questions (its provenance params say `"source": "nq"`).
+
 EasyEdit's `VQADataset` joins `image` and `m_loc` to its `coco_image` setting and
 `image_rephrase` to `rephrase_image`: both must name the export folder (docs/schema.md).
 """
@@ -13,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from io import BytesIO
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from PIL import Image
 
 from schemas.record import OkeditRecord
 
-logger = logging.getLogger(__name__)
+NQ_PREFIX = "nq question: "  # how MMEdit writes its NQ `loc` questions
 
 EASYEDIT_FIELDS = (
     "src",
@@ -48,13 +50,38 @@ def _write_image(data: bytes, folder: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
 
 
+def _from_nq(record: OkeditRecord) -> bool:
+    """Whether the record's image-free locality pair came from Natural Questions: its
+    provenance entry for the field says `"source": "nq"` in its params."""
+    for prov in record.provenance:
+        if prov.field != "image_free_locality":
+            continue
+        try:
+            params = json.loads(prov.params or "{}")
+        except json.JSONDecodeError:
+            continue
+        if isinstance(params, dict) and str(params.get("source", "")).strip().lower() == "nq":
+            return True
+    return False
+
+
+def easyedit_loc(record: OkeditRecord) -> str:
+    """EasyEdit's `loc`: the image-free question, prefixed `"nq question: "` only when the
+    pair came from NQ (as MMEdit writes its NQ items), otherwise as written."""
+    free = record.image_free_locality
+    if free is None:
+        raise ValueError(f"{record.item_id}: no image-free locality question")
+    return (NQ_PREFIX + free.question) if _from_nq(record) else free.question
+
+
 def easyedit_entry(record: OkeditRecord, image_dir: Path, root: Path) -> dict[str, str]:
     """`item_id` and the 11 fields for one record.
 
     `loc`/`loc_ans` are the record's image-free locality question and its answer
     (`image_free_locality`): EasyEdit asks `loc` with no image, so it must be a
-    self-contained question on an unrelated fact (in MMEdit an NQ question). okedit's text
-    negatives (same image, another question) need the image and stay okedit's own field.
+    self-contained question on an unrelated fact (in MMEdit an NQ question; the
+    `"nq question: "` prefix only for pairs from NQ). okedit's text negatives (same image,
+    another question) need the image and stay okedit's own field.
     """
     if not record.locality_images or not record.image_rephrases:
         raise ValueError(f"{record.item_id}: needs locality and rephrase images")
@@ -72,7 +99,7 @@ def easyedit_entry(record: OkeditRecord, image_dir: Path, root: Path) -> dict[st
         "rephrase": record.rephrases[0] if record.rephrases else "",
         "image": _write_image(record.image, image_dir, root),
         "image_rephrase": _write_image(record.image_rephrases[0], image_dir, root),
-        "loc": free.question,
+        "loc": easyedit_loc(record),
         "loc_ans": free.answer,
         "m_loc": _write_image(record.locality_images[0], image_dir, root),
         "m_loc_q": record.question,
@@ -87,25 +114,21 @@ def easyedit_entry(record: OkeditRecord, image_dir: Path, root: Path) -> dict[st
 def export_easyedit(records: list[OkeditRecord], folder: Path, name: str = "okedit.json") -> Path:
     """Write `folder/name` and `folder/images/*`; return the JSON path.
 
-    Records without an image-free locality question have no EasyEdit `loc`: they are left
-    out of the export, with a warning naming them (records built before the field existed;
-    OK-VQA builds until their annotator writes one), instead of a `loc` that needs the
-    image."""
-    image_dir = folder / "images"
-    image_dir.mkdir(parents=True, exist_ok=True)
+    A record without an image-free locality question has no EasyEdit `loc`: the export is
+    refused (ValueError naming the records, before anything is written) rather than
+    leaving it out or writing a `loc` that needs the image."""
     missing = [r.item_id for r in records if r.image_free_locality is None]
     if missing:
-        logger.warning(
-            "EasyEdit export: %d of %d records have no image-free locality question "
-            "(`image_free_locality`, EasyEdit's `loc`) and are left out: %s%s",
-            len(missing),
-            len(records),
-            ", ".join(missing[:5]),
-            ", ..." if len(missing) > 5 else "",
+        raise ValueError(
+            f"EasyEdit export: {len(missing)} of {len(records)} records have no image-free "
+            "locality question (field `image_free_locality`, EasyEdit's `loc`/`loc_ans`): "
+            + ", ".join(missing[:5])
+            + (", ..." if len(missing) > 5 else "")
+            + "; rebuild them with an annotator that writes one"
         )
-    entries = [
-        easyedit_entry(r, image_dir, folder) for r in records if r.image_free_locality is not None
-    ]
+    image_dir = folder / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    entries = [easyedit_entry(r, image_dir, folder) for r in records]
     path = folder / name
     path.write_text(json.dumps(entries, indent=1, ensure_ascii=False))
     return path

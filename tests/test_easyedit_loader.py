@@ -124,12 +124,14 @@ def test_loc_is_an_image_free_question_of_its_own(records, exported) -> None:
     assert len({item["loc"] for item in items}) >= len(items) - 1  # one per item
 
 
-def test_records_without_an_image_free_question_are_left_out(records, tmp_path, caplog) -> None:
-    """No `loc` that needs the image: an old record is refused alone, left out of an export
-    with a warning naming it."""
+def test_a_record_without_an_image_free_question_is_refused(records, tmp_path) -> None:
+    """No `loc` that needs the image, and no record silently left out: an old record is
+    refused alone and refuses the export, naming it, before anything is written."""
     old = records[0].model_copy(update={"image_free_locality": None})
-    with pytest.raises(ValueError, match="image_free_locality"):
+    with pytest.raises(ValueError, match="image_free_locality") as error:
         easyedit_entry(old, tmp_path, tmp_path)
-    path = export_easyedit([old, *records[1:3]], tmp_path / "easyedit")
-    assert [e["item_id"] for e in json.loads(path.read_text())] == [r.item_id for r in records[1:3]]
-    assert old.item_id in caplog.text and "left out" in caplog.text
+    assert old.item_id in str(error.value)
+    with pytest.raises(ValueError, match="image_free_locality") as error:
+        export_easyedit([*records[1:3], old], tmp_path / "easyedit")
+    assert old.item_id in str(error.value) and records[1].item_id not in str(error.value)
+    assert not (tmp_path / "easyedit").exists()

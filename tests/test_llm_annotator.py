@@ -83,7 +83,9 @@ def test_every_field_is_annotated_and_validated(tmp_path: Path) -> None:
         ann = annotator(server, tmp_path)
         assert isinstance(ann, Annotator)
         results = ann.annotate(make_items(3))
-        assert server.log.requests == 30  # 10 requests per item, nothing re-asked
+        assert (
+            server.log.requests == 33
+        )  # 11 requests per item (the image-free loc question too), nothing re-asked
     assert [r.item_id for r in results] == ["okvqa-val-1000", "okvqa-val-1001", "okvqa-val-1002"]
     for a in results:
         assert isinstance(a, Annotation)
@@ -110,7 +112,9 @@ def test_every_field_is_annotated_and_validated(tmp_path: Path) -> None:
             "locality_image_object",
             "locality_image_train_object",
             "text_negatives",
+            "image_free_locality",
         }
+        assert a.image_free_locality is not None and a.image_free_locality.question
         for p in a.provenance:
             assert p.backend == "openai-chat" and p.model == "fake-model"
             assert p.template_version == "1" and len(p.request_hash) == 64
@@ -119,7 +123,7 @@ def test_every_field_is_annotated_and_validated(tmp_path: Path) -> None:
         assert seeds == [0, 1000, 2000]  # every vote is an independent sample
     report = ann.report()
     assert report.items_in == 3 and report.kept == 3 and report.rejected == 0
-    assert report.llm.requests_sent == 30 and report.llm.prompt_tokens > 0
+    assert report.llm.requests_sent == 33 and report.llm.prompt_tokens > 0
 
 
 def test_warm_cache_sends_no_request_and_gives_identical_output(tmp_path: Path) -> None:
@@ -367,10 +371,10 @@ def test_batch_mode_gives_the_live_results_in_three_rounds(tmp_path: Path) -> No
         ann = batch_annotator(server, tmp_path / "batch")
         results = ann.annotate(make_items(4))
         assert len(server.batch_store.batches) == 3  # one per level
-        assert server.log.requests == 40 and server.log.auth_headers == {"batch"}
+        assert server.log.requests == 44 and server.log.auth_headers == {"batch"}
     assert without_timestamps(results) == without_timestamps(live)
     stats = ann.report().llm
-    assert stats.batches == 3 and stats.requests_sent == 40 and stats.prompt_tokens > 0
+    assert stats.batches == 3 and stats.requests_sent == 44 and stats.prompt_tokens > 0
 
 
 def test_batch_mode_failures_are_rejections(tmp_path: Path) -> None:

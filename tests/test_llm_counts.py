@@ -28,7 +28,7 @@ def annotate(server: Any, tmp_path: Path, items: int = 2, **settings: Any) -> li
 def test_a_server_that_follows_only_the_schema(tmp_path: Path, mode: str) -> None:
     with llm_server(responder=schema_only(), keep_raw=True) as server:
         results = annotate(server, tmp_path, llm={"structured_output": mode})
-        assert server.log.requests == 2 * 10  # nothing had to be asked again
+        assert server.log.requests == 2 * 11  # 10 + image_free_locality; none asked again
         raw = server.log.raw
     assert all(isinstance(r, Annotation) for r in results)
     for a in results:
@@ -68,7 +68,7 @@ def test_longer_answers_are_truncated_to_the_configured_count(tmp_path: Path) ->
 
     with llm_server(responder=too_many) as server:
         results = annotate(server, tmp_path)
-        assert server.log.requests == 2 * 10  # truncated, not asked again
+        assert server.log.requests == 2 * 11  # truncated, not asked again
     for a in results:
         assert isinstance(a, Annotation)
         assert len(a.rephrases) == 10 and len(a.rephrases_train) == 3
@@ -88,7 +88,7 @@ def test_shorter_answers_are_asked_again(tmp_path: Path) -> None:
 
     with llm_server(responder=short_once) as server:
         (a,) = annotate(server, tmp_path, items=1)
-        assert server.log.requests == 11 and len(asked) == 2
+        assert server.log.requests == 12 and len(asked) == 2  # 11 + the re-ask
     assert isinstance(a, Annotation) and len(a.rephrases) == 10
     prov = next(p for p in a.provenance if p.field == "rephrases")
     assert json.loads(prov.params)["attempt"] == 1

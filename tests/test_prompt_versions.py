@@ -21,7 +21,9 @@ from schemas.record import Annotation, SourceItem
 from tests.fixtures_servers import FakeOpenAIServer, llm_server
 
 N_ITEMS = 2
-REQUESTS_PER_ITEM = 10  # pipeline/annotate.py: 10 requests per item when nothing is re-asked
+# pipeline/annotate.py: 10 requests per item when nothing is re-asked, + 1 for the
+# image-free locality question (`image_free_locality`, on by default)
+REQUESTS_PER_ITEM = 11
 
 
 def items() -> list[SourceItem]:

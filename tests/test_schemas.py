@@ -1,12 +1,13 @@
 import json
 from pathlib import Path
 
+import pytest
 from datasets import Dataset, load_dataset
 from PIL import Image
 
 from schemas.easyedit import EASYEDIT_FIELDS, export_easyedit
 from schemas.features import OKEDIT_FEATURES, from_hf_row, stats_frame, to_hf_row
-from schemas.record import OkeditRecord, ProbeResult, Validation
+from schemas.record import FieldProvenance, OkeditRecord, ProbeResult, Validation
 from tests.records import make_record
 
 
@@ -72,6 +73,46 @@ def test_easyedit_export_has_11_nonempty_fields_and_resolvable_images(tmp_path: 
         "what is the capital of russia?",
         "moscow",
     )
+
+
+def test_easyedit_export_refuses_a_record_without_image_free_locality(tmp_path: Path):
+    records = [make_record("a"), make_record("no-loc", image_free_locality=None)]
+    with pytest.raises(ValueError, match="no-loc") as error:
+        export_easyedit(records, tmp_path / "easyedit")
+    assert "image_free_locality" in str(error.value) and "a," not in str(error.value)
+
+
+def test_easyedit_loc_has_the_nq_prefix_only_for_pairs_from_nq(tmp_path: Path):
+    def sourced(item_id: str, params: dict) -> OkeditRecord:
+        prov = FieldProvenance(
+            field="image_free_locality",
+            backend="text-locality-file",
+            seed=0,
+            params=json.dumps(params),
+        )
+        return make_record(item_id, provenance=[*make_record().provenance, prov])
+
+    records = [
+        sourced("nq", {"line": 1, "file_sha256": "x", "source": "nq"}),
+        sourced("file", {"line": 2, "file_sha256": "x"}),
+        sourced("other", {"line": 3, "file_sha256": "x", "source": "triviaqa"}),
+        make_record("llm"),  # no provenance for the field at all
+        # "source": "nq" on another field's provenance does not count
+        make_record(
+            "elsewhere",
+            provenance=[FieldProvenance(field="target", backend="t", params='{"source": "nq"}')],
+        ),
+    ]
+    path = export_easyedit(records, tmp_path / "easyedit")
+    loc = {e["item_id"]: e["loc"] for e in json.loads(path.read_text())}
+    question = "what is the capital of russia?"
+    assert loc == {
+        "nq": "nq question: " + question,
+        "file": question,
+        "other": question,
+        "llm": question,
+        "elsewhere": question,
+    }
 
 
 def test_stats_frame_counts():

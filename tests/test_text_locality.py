@@ -70,6 +70,45 @@ def test_file_pairs_are_distinct_deterministic_and_reach_the_record(tmp_path: Pa
     assert FACTS[params["line"] - 1]["question"] == record.image_free_locality.question
 
 
+def test_only_the_pair_from_nq_gets_the_nq_prefix_in_the_export(tmp_path: Path) -> None:
+    """EasyEdit's `loc` carries MMEdit's "nq question: " prefix for a pair whose file line
+    says `"source": "nq"` (recorded in the provenance params), and no other."""
+    from schemas.easyedit import export_easyedit
+    from tests.records import make_record
+
+    pairs = [{**f, "source": "nq"} if i % 2 == 0 else f for i, f in enumerate(FACTS)]
+    path = write_pairs(tmp_path / "mixed.jsonl", pairs)
+    items = make_items(6)
+    with llm_server() as server:
+        ann = annotator(server.url, tmp_path, "mixed", text_locality_file=str(path))
+        results = ann.annotate(items)
+    records = []
+    for item, a in zip(items, results, strict=True):
+        assert isinstance(a, Annotation)
+        images = ItemImages(
+            item_id=a.item_id, image_rephrases=[b"x"], locality_images=[b"x"],
+            locality_image_train=b"x",
+        )  # fmt: skip
+        built = assemble_record(item, a, images)
+        records.append(
+            make_record(
+                built.item_id,
+                image_free_locality=built.image_free_locality,
+                provenance=built.provenance,
+            )
+        )
+    export = json.loads(export_easyedit(records, tmp_path / "easyedit").read_text())
+    by_question = {f["question"]: "source" in f for f in pairs}
+    seen = set()
+    for entry, record in zip(export, records, strict=True):
+        free = record.image_free_locality
+        assert free is not None and entry["loc_ans"] == free.answer
+        from_nq = by_question[free.question]
+        seen.add(from_nq)
+        assert entry["loc"] == ("nq question: " + free.question if from_nq else free.question)
+    assert seen == {True, False}  # both kinds among the items
+
+
 def test_text_locality_joins_the_build_identity(tmp_path: Path) -> None:
     path = write_pairs(tmp_path / "nq.jsonl", FACTS)
     annotator = {"kind": "llm", "text_locality_file": str(path)}
