@@ -435,7 +435,8 @@ Rejections:
 ## Fields
 
 See `docs/schema.md` in okedit. The `easyedit/` folder holds the same edits in the 11-field
-JSON that EasyEdit's multimodal loaders read.
+JSON that EasyEdit's multimodal loaders read, plus each record's `item_id`; `loc`/`loc_ans`
+is an image-free question on an unrelated fact, as EasyEdit evaluates it.
 
 ## License notes
 
