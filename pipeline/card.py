@@ -12,9 +12,6 @@ from pipeline.check import REASONS, check_summary
 from schemas.features import GENERATION_METRICS, stats_frame
 from schemas.record import OkeditRecord, Rejection
 
-POSITIVE_KINDS = ("edit", "rephrase", "image_rephrase")
-NEGATIVE_KINDS = ("locality", "text_negative")
-
 CITATION = """@inproceedings{guo2025balancedit,
   title     = {BalancEdit: Dynamically Balancing the Generality-Locality Trade-off in
                Multi-modal Model Editing},

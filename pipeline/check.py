@@ -33,7 +33,7 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from editors.metrics import generation_exact_match, normalize_answer
+from editors.metrics import generation_exact_match
 from schemas.record import CheckReason, ItemCheck, OkeditRecord, ProbeResult, Rejection
 
 FilterMode = Literal["none", "unsound", "model-gap"]
@@ -91,14 +91,6 @@ class Finding:
     measured: str
 
 
-def _name(p: ProbeResult) -> str:
-    return f"{p.kind}[{p.index}]"
-
-
-def _same(a: str, b: str) -> bool:
-    return normalize_answer(a) == normalize_answer(b)
-
-
 def _gold(record: OkeditRecord) -> list[str]:
     return [*record.answers, record.original_answer]
 
@@ -127,9 +119,9 @@ def probe_findings(
     found = []
     for p in probes:
         rule = TRAINING_RULES.get(p.kind, p.kind)
-        name, answer = _name(p), p.pre_answer
+        name, answer = p.name, p.pre_answer
         cos = cosines.get(name)
-        if rule == "image_rephrase" and knows and not _same(answer, clean):
+        if rule == "image_rephrase" and knows and not generation_exact_match(answer, clean):
             found.append(Finding("image_rephrase_differs", name, f"{answer!r} vs {clean!r}"))
         elif rule == "locality" and p.kind == "train_neg" and p.expected == record.target:
             continue  # the black/white negative of the paper is no near miss
@@ -137,7 +129,7 @@ def probe_findings(
             found.append(Finding("near_miss_looks_original", name, f"answered {answer!r}"))
         elif rule == "rephrase" and cos is not None and cos < config.paraphrase_min_cos:
             found.append(Finding("rephrase_far", name, f"cos {cos:.2f}"))
-        elif rule == "rephrase" and knows and not _same(answer, clean):
+        elif rule == "rephrase" and knows and not generation_exact_match(answer, clean):
             found.append(Finding("rephrase_differs", name, f"{answer!r} vs {clean!r}"))
         elif rule == "text_negative" and cos is not None and cos > config.negative_max_cos:
             found.append(Finding("text_negative_paraphrase", name, f"cos {cos:.2f}"))
@@ -154,7 +146,7 @@ def _text_negative_finding(
     a hint (another fact may share the string: the capital and the country "luxembourg"), so
     it counts when the wording is close too (or no similarity model can judge it); the model
     answering the original where the negative expects something else always counts."""
-    name, expects_gold = _name(p), bool(generation_exact_match(p.expected, gold))
+    name, expects_gold = p.name, bool(generation_exact_match(p.expected, gold))
     close = cos is None or cos >= config.same_fact_min_cos
     if expects_gold and close:
         measured = f"expects {p.expected!r}" + (f", cos {cos:.2f}" if cos is not None else "")
@@ -173,11 +165,11 @@ def question_cosines(
     texts: dict[str, str] = {}
     for p in probes:
         if p.kind == "rephrase":
-            texts[_name(p)] = record.rephrases[p.index]
+            texts[p.name] = record.rephrases[p.index]
         elif p.kind == "train_pos":
-            texts[_name(p)] = record.rephrases_train[0]
+            texts[p.name] = record.rephrases_train[0]
         elif p.kind in ("text_negative", "train_text_neg"):
-            texts[_name(p)] = record.text_negatives[p.index].question
+            texts[p.name] = record.text_negatives[p.index].question
     if not texts:
         return {}
     scores = similarity.cosine([record.question], list(texts.values()))[0]
@@ -190,15 +182,13 @@ def family_findings(
     """Families with too many bad probes, or none left."""
     found = []
     for family in FAMILIES:
-        members = [_name(p) for p in probes if p.kind == family]
-        if not members:
-            continue
-        share = sum(name in bad for name in members) / len(members)
-        if share == 1.0:
-            found.append(Finding("family_empty", family, f"{len(members)} of {len(members)} bad"))
-        elif share > config.max_bad_share:
-            n_bad = sum(name in bad for name in members)
-            found.append(Finding("too_many_bad", family, f"{n_bad} of {len(members)} bad"))
+        members = [p.name for p in probes if p.kind == family]
+        n_bad = sum(name in bad for name in members)
+        measured = f"{n_bad} of {len(members)} bad"
+        if members and n_bad == len(members):
+            found.append(Finding("family_empty", family, measured))
+        elif members and n_bad / len(members) > config.max_bad_share:
+            found.append(Finding("too_many_bad", family, measured))
     return found
 
 
@@ -297,7 +287,7 @@ def reindexed(probes: Sequence[ProbeResult], dropped: set[str]) -> list[ProbeRes
     return [
         p.model_copy(update={"index": p.index - sum(r < p.index for r in removed.get(p.kind, []))})
         for p in probes
-        if _name(p) not in dropped
+        if p.name not in dropped
     ]
 
 

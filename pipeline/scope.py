@@ -347,10 +347,6 @@ def _generation_fields(run: _Run, i: int, expected: str) -> dict[str, str | floa
     }
 
 
-def _name(p: ProbeResult) -> str:
-    return f"{p.kind}[{p.index}]"
-
-
 def verdict(
     results: list[ProbeResult],
     kept: list[bool],
@@ -367,12 +363,12 @@ def verdict(
         if p.kind not in POSITIVE_KINDS:
             continue
         if not p.routed:
-            in_problems.append(f"{_name(p)} not routed (d={p.distance:.4g} > eps={epsilon:.4g})")
+            in_problems.append(f"{p.name} not routed (d={p.distance:.4g} > eps={epsilon:.4g})")
         elif p.post_accuracy < 1.0:
-            in_problems.append(f"{_name(p)} routed but does not answer the target")
+            in_problems.append(f"{p.name} routed but does not answer the target")
     for p, unchanged in zip(results, kept, strict=True):
         if p.kind in NEGATIVE_KINDS and p.routed and not unchanged:
-            out_problems.append(f"{_name(p)} routed (d={p.distance:.4g}) and its answer changed")
+            out_problems.append(f"{p.name} routed (d={p.distance:.4g}) and its answer changed")
     in_ok, out_ok = not in_problems, not out_problems
     problems = in_problems + out_problems
     ambiguity = _ambiguity(results, negative, ambiguity_scope)
@@ -417,8 +413,8 @@ def _ambiguity(results: list[ProbeResult], negative: str, scope: str = "family")
         if closest.distance < farthest.distance:
             label = "" if scope == "all" else f"{family}: "
             found.append(
-                f"{label}negative {_name(closest)} (d={closest.distance:.4g}) is closer to the "
-                f"key than positive {_name(farthest)} (d={farthest.distance:.4g})"
+                f"{label}negative {closest.name} (d={closest.distance:.4g}) is closer to the "
+                f"key than positive {farthest.name} (d={farthest.distance:.4g})"
             )
     return "; ".join(found)
 
@@ -454,7 +450,7 @@ def validate_record(
             exact_match(post, pre.argmax(-1)) for pre, post in zip(run.pre, run.post, strict=True)
         ]
         left_out = set(screen(results)) if screen is not None else set()
-        pairs = [(p, k) for p, k in zip(results, kept, strict=True) if _name(p) not in left_out]
+        pairs = [(p, k) for p, k in zip(results, kept, strict=True) if p.name not in left_out]
         results, kept = [p for p, _ in pairs], [k for _, k in pairs]
         epsilon = _reported_epsilon(run.outcome)
         name, reason, in_ok, out_ok = verdict(

@@ -125,7 +125,10 @@ def edit_summary(validation: Validation) -> EditSummary:
     epsilon = validation.epsilon
     if validation.verdict in ("error", "not_run") or epsilon <= 0:
         return EditSummary()  # FT (no radius) or no run
-    relative = {id(p): p.distance / epsilon for p in validation.probes}
+
+    def relative(p: ProbeResult) -> float:
+        return p.distance / epsilon
+
     families = []
     for family in (*POSITIVE_KINDS, *NEGATIVE_KINDS):
         members = [p for p in validation.probes if p.kind == family]
@@ -135,11 +138,11 @@ def edit_summary(validation: Validation) -> EditSummary:
                     family=family,
                     probes=len(members),
                     routed_share=sum(p.routed for p in members) / len(members),
-                    median_relative_distance=statistics.median(relative[id(p)] for p in members),
+                    median_relative_distance=statistics.median(map(relative, members)),
                 )
             )
-    positives = [relative[id(p)] for p in validation.probes if p.kind in POSITIVE_KINDS]
-    negatives = [relative[id(p)] for p in validation.probes if p.kind in NEGATIVE_KINDS]
+    positives = [relative(p) for p in validation.probes if p.kind in POSITIVE_KINDS]
+    negatives = [relative(p) for p in validation.probes if p.kind in NEGATIVE_KINDS]
     margin = min(negatives) - max(positives) if positives and negatives else 0.0
     return EditSummary(
         epsilon_set_by=_epsilon_set_by(validation),

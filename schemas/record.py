@@ -140,6 +140,11 @@ class ProbeResult(_Model):
     pre_generation_match: float = -1.0  # VQA exact match of pre_answer with `expected`
     post_generation_match: float = -1.0
 
+    @property
+    def name(self) -> str:
+        """`kind[index]`, as reasons and verdicts name a probe."""
+        return f"{self.kind}[{self.index}]"
+
 
 class CheckReason(_Model):
     """One finding of the item check: a code, the probe it is about, what was measured."""
