@@ -139,19 +139,26 @@ def first_error(exc: ValidationError, default_where: str = "setting") -> str:
     return f"{where}: {first['msg'].removeprefix('Value error, ')}"
 
 
-def weights_identity(model: str, whole_below: int = 256 * 2**20) -> str:
-    """A local model folder by the hash of its config and weights (files larger than
-    `whole_below` by their size and first MiB: hashing GBs per build costs too much); a Hub
-    id stands for itself."""
+def weights_identity(model: str) -> str:
+    """A local model folder by the hash of its config and weights; a Hub id stands for
+    itself. `describe()` runs several times per build: files are hashed again only when
+    their size or modification time changed."""
     folder = Path(model)
     if not folder.is_dir():
         return model
+    files = sorted([*folder.glob("config.json"), *folder.glob("*.safetensors")])
+    return _hash_files(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+@functools.lru_cache(maxsize=8)
+def _hash_files(files: tuple[tuple[str, int, int], ...], whole_below: int = 256 * 2**20) -> str:
+    """sha256 over (name, size, bytes) of each file; files larger than `whole_below` by their
+    size and first MiB (hashing GBs per build costs too much)."""
     digest = hashlib.sha256()
-    for path in sorted([*folder.glob("config.json"), *folder.glob("*.safetensors")]):
-        size = path.stat().st_size
-        with path.open("rb") as handle:
+    for name, size, _ in files:
+        with open(name, "rb") as handle:
             data = handle.read() if size < whole_below else handle.read(2**20)
-        digest.update(f"{path.name}:{size}:".encode() + data)
+        digest.update(f"{Path(name).name}:{size}:".encode() + data)
     return digest.hexdigest()[:16]
 
 
