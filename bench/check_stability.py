@@ -26,7 +26,6 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import sys
 import time
 from collections import Counter
@@ -39,8 +38,13 @@ BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH.parent), str(BENCH)]
 
 import torch  # noqa: E402
-import transformers  # noqa: E402
-from defects import build_flagworld, code_version, model_config_for, validate  # noqa: E402
+from defects import (  # noqa: E402
+    build_flagworld,
+    code_version,
+    machine,
+    model_config_for,
+    validate,
+)
 
 from editors.adapters import load_model  # noqa: E402
 from schemas.record import OkeditRecord  # noqa: E402
@@ -279,13 +283,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             [".venv/bin/python", "bench/check_stability.py", *(argv or sys.argv[1:])]
         ),
         "code": code_version(),
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "torch_threads": args.threads,
-        },
+        "machine": machine(args.threads),
         "model_accuracy": {m: model_accuracy(m) for m in args.models},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,8 @@ from editors.adapters import ADAPTERS, VLMAdapter
 from editors.adapters.base import Batch
 from editors.adapters.random_models import random_adapter
 from editors.base import Editor, EditOutcome, EditRequest, Prompt, Routed
+from schemas.record import OkeditRecord
+from tests.records import make_record
 
 CORPUS = [
     "what is the capital of this country",
@@ -72,3 +74,17 @@ def edit_and_probe(
         )
     editor.restore()
     return pre, outcome, routed
+
+
+def record_corpus(record: OkeditRecord) -> list[str]:
+    """Every text of a hand-made record, for a tokenizer trained on the spot."""
+    texts = [record.question, record.target, record.locality_answer, record.locality_answer_train]
+    texts += record.rephrases + record.rephrases_train + record.answers
+    texts += [f"{t.question} {t.answer}" for t in record.text_negatives]
+    return texts
+
+
+def record_adapter() -> VLMAdapter:
+    """A tiny random LLaVA whose vocabulary covers `make_record()` (one torch thread)."""
+    torch.set_num_threads(1)
+    return random_adapter("llava", record_corpus(make_record()))

@@ -10,7 +10,6 @@ import torch
 from torch import Tensor
 
 from editors.adapters import VLMAdapter
-from editors.adapters.random_models import random_adapter
 from editors.config import EditorConfig
 from pipeline.scope import (
     build_probes,
@@ -20,7 +19,7 @@ from pipeline.scope import (
     run_probes,
     validate_record,
 )
-from schemas.record import OkeditRecord
+from tests.edit_paths import record_adapter
 from tests.records import make_record
 
 NEGATIVES = ("locality", "text_negative", "train_neg")
@@ -31,17 +30,9 @@ REACHING = {  # edits that reach every probe
 }
 
 
-def _corpus(record: OkeditRecord) -> list[str]:
-    texts = [record.question, record.target, record.locality_answer, record.locality_answer_train]
-    texts += record.rephrases + record.rephrases_train + record.answers
-    texts += [f"{t.question} {t.answer}" for t in record.text_negatives]
-    return texts
-
-
 @pytest.fixture(scope="module")
 def adapter() -> VLMAdapter:
-    torch.set_num_threads(1)
-    return random_adapter("llava", _corpus(make_record()))
+    return record_adapter()
 
 
 def config(**overrides) -> EditorConfig:

@@ -8,30 +8,22 @@ import pytest
 import torch
 
 from editors.adapters import VLMAdapter
-from editors.adapters.random_models import random_adapter
 from editors.config import EditorConfig, ModelConfig
 from editors.metrics import generation_exact_match
 from pipeline.check import filter_by_check
 from pipeline.scope import build_probes, make_editor, validate_record, verdict
 from pipeline.validate import validate_records
-from schemas.record import CheckReason, ItemCheck, OkeditRecord, ProbeResult, Validation
+from schemas.record import CheckReason, ItemCheck, ProbeResult, Validation
+from tests.edit_paths import record_adapter
 from tests.records import make_record
 
 N_PROBES = 1 + 10 + 10 + 1 + 1 + 1 + 2  # edit, rephrases, image rephrases, locality, text neg,
 # image-free locality, train
 
 
-def _corpus(record: OkeditRecord) -> list[str]:
-    texts = [record.question, record.target, record.locality_answer, record.locality_answer_train]
-    texts += record.rephrases + record.rephrases_train + record.answers
-    texts += [f"{t.question} {t.answer}" for t in record.text_negatives]
-    return texts
-
-
 @pytest.fixture(scope="module")
 def adapter() -> VLMAdapter:
-    torch.set_num_threads(1)
-    return random_adapter("llava", _corpus(make_record()))
+    return record_adapter()
 
 
 def tiny_config(**overrides) -> EditorConfig:
