@@ -92,19 +92,20 @@ def validation_summary(records: list[OkeditRecord], settings: dict | None) -> di
     """Editor verdicts and item-check statuses of the published records, next to the
     settings the caller resolved once for the whole build (`resolved_validation`)."""
     validated = [r for r in records if r.validation.verdict != "not_run"]
-    editor = settings["editor"] if settings else None
+    settings = settings or {}  # validation off: every setting below is None
+    editor = settings.get("editor") or {}
     return {
         "validated": len(validated),
         "verdicts": dict(Counter(r.validation.verdict for r in validated)),
         "checks": dict(Counter(r.validation.check.status for r in records)),
-        "model": settings["model"] if settings else None,
-        "editor": editor["editor"] if editor else None,
-        "key_variant": editor.get("key_variant") if editor else None,
-        "filter": settings["filter"] if settings else None,
-        "check_config": settings["check"] if settings else None,
-        "edit_config": editor,
-        "editor_preset": settings["editor_preset"] if settings else None,
-        "differences_from_authors": settings["differences_from_authors"] if settings else None,
+        "model": settings.get("model"),
+        "editor": editor.get("editor"),
+        "key_variant": editor.get("key_variant"),
+        "filter": settings.get("filter"),
+        "check_config": settings.get("check"),
+        "edit_config": settings.get("editor"),
+        "editor_preset": settings.get("editor_preset"),
+        "differences_from_authors": settings.get("differences_from_authors"),
     }
 
 
