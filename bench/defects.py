@@ -62,8 +62,8 @@ from PIL import Image  # noqa: E402
 from editors.adapters import VLMAdapter, load_model  # noqa: E402
 from editors.config import EditorConfig, ModelConfig  # noqa: E402
 from editors.metrics import normalize_answer  # noqa: E402
-from pipeline.build import build_records  # noqa: E402
-from pipeline.config import ValidateSettings  # noqa: E402
+from pipeline.assemble import build_records  # noqa: E402
+from pipeline.config import ValidateSettings, resolve_validation  # noqa: E402
 from pipeline.images import RenderBackend  # noqa: E402
 from pipeline.offline_annotator import FlagworldAnnotator  # noqa: E402
 from pipeline.quality import majority_answer  # noqa: E402
@@ -231,7 +231,7 @@ def plant_text_negative_paraphrase(record: OkeditRecord, rng: random.Random, see
     _, relation = _code_relation(record)
     used = {record.question, *record.rephrases, *record.rephrases_train}
     unused = [t for t in fw.PARAPHRASE_TEMPLATES[relation] if t not in used]
-    slots = _evaluated_text_negatives(record, ValidateSettings().editor_settings())
+    slots = _evaluated_text_negatives(record, resolve_validation(ValidateSettings()).editor)
     if not unused or not slots:
         return None
     question = rng.choice(unused)
@@ -462,7 +462,7 @@ def validate(
     settings = ValidateSettings()
     return validate_records(
         records,
-        settings.editor_settings(),
+        resolve_validation(settings).editor,
         model_config,
         model=adapter,
         show_progress=False,
@@ -473,8 +473,8 @@ def validate(
 def model_config_for(model: Path | None) -> ModelConfig:
     """The shipped tiny VLM (None) or a local model folder, as `okedit build --model` has it."""
     if model is None:
-        return ValidateSettings().model_settings()
-    return ValidateSettings(model=str(model)).model_settings()
+        return resolve_validation(ValidateSettings()).model
+    return resolve_validation(ValidateSettings(model=str(model))).model
 
 
 def run_seed(

@@ -26,6 +26,15 @@ peak memory (ru_maxrss) is per path. `--profile` adds, in the fast process, a pe
 timing of one item with and without prefix sharing. Usage:
 
     .venv/bin/python bench/edit_speed.py --items-tiny 4 --items-blip2 2 --threads 1 --profile
+
+`--batch-items N` (issue 17) instead times the fast path through the real validate stage
+(`pipeline.validate.validate_records`) one item at a time and N items together, in one
+process on the same model and items (alternating rounds, the fastest of each), and checks
+that both give the same results (verdicts, answers, routing and check status exactly; floats
+within 1e-5 relative or 1e-6 absolute).
+The item check's sentence model is left out (the same per-item work either way):
+
+    .venv/bin/python bench/edit_speed.py --models tiny --items-tiny 16 --batch-items 8 --generate
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import platform
 import random
@@ -266,7 +276,7 @@ def profile_item(adapter: Any, editor: Any, record: Any, shares_prefix: bool) ->
         kinds = [p.kind for p in probes]
         rows = [kinds.index(k) for k in RADIUS_KINDS if k in kinds]
         start = time.perf_counter()
-        editor.edit_rows(batch, capture, rows, record.target)
+        editor.edit_rows(batch, capture, [rows], [record.target])
         times["edit (50 tail steps)"] = time.perf_counter() - start
         start = time.perf_counter()
         editor.clean_target_logits(batch, capture)
@@ -345,6 +355,98 @@ def run_path(
     }
 
 
+def run_batched(
+    model: str, items: int, threads: int, generate: bool, batch_items: int, repeats: int
+) -> dict[str, Any]:
+    """Child process: the fast path through `validate_records`, one item at a time and
+    `batch_items` together, same model and items, `repeats` alternating rounds; the fastest
+    round's seconds of each and whether the results agree."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from editors.adapters.random_models import random_adapter
+    from editors.config import EditorConfig, ModelConfig
+    from pipeline.check import CheckConfig
+    from pipeline.validate import validate_records
+
+    spec = MODELS[model]
+    adapter = random_adapter(
+        spec["family"],
+        corpus(),
+        seed=0,
+        text_overrides=spec["text_overrides"],
+        vision_overrides=spec["vision_overrides"],
+        config_overrides=spec["config_overrides"],
+    )
+    config = EditorConfig.for_model(spec["preset"], generate_answers=generate)
+    records = make_records(items)
+    check = CheckConfig(text_similarity=False)
+
+    def validate(n: int, chosen: list[Any]) -> tuple[list[Any], float]:
+        start = time.perf_counter()
+        out = validate_records(
+            chosen, config, ModelConfig(model=model), adapter, False, check, batch_items=n
+        )
+        return out, time.perf_counter() - start
+
+    validate(batch_items, make_records(batch_items, seed=99))  # warm-up: every kernel once
+    # Alternating rounds, the fastest of each: a shared machine's load comes and goes.
+    one_s = together_s = math.inf
+    for _ in range(repeats):
+        one, seconds = validate(1, records)
+        one_s = min(one_s, seconds)
+        together, seconds = validate(batch_items, records)
+        together_s = min(together_s, seconds)
+    return {
+        "model": model,
+        "items": items,
+        "batch_items": batch_items,
+        "repeats": repeats,
+        "threads": threads,
+        "generate_answers": generate,
+        "one_s_per_item": one_s / items,
+        "batched_s_per_item": together_s / items,
+        "speedup": one_s / together_s,
+        **same_results(one, together),
+        "verdicts": [r.validation.verdict for r in together],
+    }
+
+
+def same_results(one: list[Any], together: list[Any]) -> dict[str, Any]:
+    """Whether two validations of the same records agree: exactly on verdicts, answers,
+    routing and check status; the largest float difference elsewhere (wall times aside)."""
+    worst = {"abs": 0.0, "rel": 0.0}
+    exact = True
+
+    def walk(a: Any, b: Any) -> None:
+        nonlocal exact
+        if isinstance(a, dict):
+            for key in a:
+                if key not in ("seconds", "edit_seconds"):
+                    walk(a[key], b[key])
+        elif isinstance(a, list | tuple):
+            exact = exact and len(a) == len(b)
+            for x, y in zip(a, b, strict=False):
+                walk(x, y)
+        elif isinstance(a, float) and math.isfinite(a):
+            worst["abs"] = max(worst["abs"], abs(a - b))
+            if abs(a - b) > 1e-6:  # relative error of values well away from 0
+                worst["rel"] = max(worst["rel"], abs(a - b) / max(abs(a), abs(b)))
+        elif isinstance(a, str) and a.startswith("{"):
+            walk(json.loads(a), json.loads(b))
+        else:
+            exact = exact and a == b
+
+    for a, b in zip(one, together, strict=True):
+        walk(a.model_dump(), b.model_dump())
+    return {
+        "same_exact_fields": exact,
+        "max_abs_float_diff": worst["abs"],
+        "max_rel_float_diff": worst["rel"],
+        "same_results": exact and worst["rel"] <= 1e-5,
+    }
+
+
 def compare(fast: dict[str, Any], slow: dict[str, Any]) -> dict[str, Any]:
     d_dist = d_acc = 0.0
     for pf, ps in zip(fast["probes"], slow["probes"], strict=True):
@@ -386,11 +488,37 @@ def main() -> None:
     parser.add_argument(
         "--profile", action="store_true", help="fast-path stage timings, with and without sharing"
     )
+    parser.add_argument(
+        "--batch-items",
+        type=int,
+        default=1,
+        help="> 1: time N items validated together against one at a time (fast path)",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of --batch-items")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     counts = {"tiny": args.items_tiny, "blip2-opt300m": args.items_blip2}
     results = []
     context = get_context("spawn")
+    if args.batch_items > 1:
+        for model in args.models.split(","):
+            with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+                result = pool.submit(
+                    run_batched,
+                    model,
+                    counts[model],
+                    args.threads,
+                    args.generate,
+                    args.batch_items,
+                    args.repeats,
+                ).result()
+            results.append(result)
+            print(json.dumps(result), flush=True)
+        print()
+        print(batched_markdown(results))
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+        return
     for model in args.models.split(","):
         runs = {}
         for fast in (True, False):
@@ -449,6 +577,27 @@ def profile_markdown(model: str, profile: dict[str, Any]) -> str:
         *(f"| {name} | {seconds:.3f} |" for name, seconds in stages.items()),
         f"| **total** | {capture + sum(profile['stages'][k] for k in stages):.3f} |",
     ]
+    return "\n".join(lines)
+
+
+def batched_markdown(results: list[dict[str, Any]]) -> str:
+    """The --batch-items comparison as a small table."""
+    lines = [
+        f"Machine: {os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), "
+        f"Python {platform.python_version()}.",
+        "",
+        "| model | items | answers | threads | one at a time s/item | batched (N) s/item "
+        "| speedup | same results | max rel / abs float diff |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['model']} | {r['items']} | {'yes' if r['generate_answers'] else 'no'} "
+            f"| {r['threads']} | {r['one_s_per_item']:.3f} "
+            f"| {r['batched_s_per_item']:.3f} ({r['batch_items']}) | {r['speedup']:.2f}× "
+            f"| {r['same_results']} | {r['max_rel_float_diff']:.1e} / "
+            f"{r['max_abs_float_diff']:.1e} |"
+        )
     return "\n".join(lines)
 
 

@@ -111,11 +111,11 @@ def _random(name: str, items: int) -> tuple[Any, list[Any], Any]:
 def _flagworld(items: int) -> tuple[Any, list[Any], Any]:
     from bench.tradeoff import flagworld_records
     from editors.adapters import load_model
-    from pipeline.config import ValidateSettings
+    from pipeline.config import ValidateSettings, resolve_validation
 
-    settings = ValidateSettings()  # the validate stage's defaults
+    settings = resolve_validation(ValidateSettings())  # the validate stage's defaults
     records = flagworld_records(items + 1, seed=0)
-    return load_model(settings.model_settings()), records, settings.editor_settings()
+    return load_model(settings.model), records, settings.editor
 
 
 def main() -> None:

@@ -7,6 +7,10 @@
    queries, OPT 32 × 2560): s/item (edit + every probe, no generation), peak GPU memory.
    Goal (issue 3): ≤ 0.3 s/item and ≤ 12 GB. Then the same with greedy answers (decoded
    from the capture's KV cache, the validate stage's default);
+2b. `batched` (issue 17): the same BLIP-2 through the real validate stage
+   (`validate_records`) with `batch_items` 1, 8, 16, 32 (`--batch-sizes`) on `--items-batched`
+   items, greedy answers on: s/item, peak GPU memory, and whether each size's results equal
+   batch 1's (goal: ≤ 0.05 s/item with answers);
 3. the fast/slow ratio of `bench/edit_speed.py` on its 300 M BLIP-2 (fp32) on `--device`,
    without and with generation (goal: ≥ 10× without);
 4. `images` (issue 17): the images stage (`pipeline.images`, checks included, no cache) with
@@ -25,6 +29,11 @@ Smoke test on a CPU (small shape, fp32):
 
     .venv/bin/python bench/gpu_check.py --device cpu --shape opt300m --dtype float32 \\
         --items-tiny 2 --items-blip2 1 --items-ratio 1 --threads 1
+
+of the batched part:
+
+    .venv/bin/python bench/gpu_check.py --device cpu --shape tiny --dtype float32 \\
+        --parts batched --items-batched 4 --batch-sizes 1,2,4 --threads 1
 
 and of the images part (`--shape tiny` picks the tiny diffusion shape too):
 
@@ -50,13 +59,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.edit_speed import MODELS, corpus, make_records  # noqa: E402
+from bench.edit_speed import MODELS, corpus, make_records, same_results  # noqa: E402
 from bench.tradeoff import flagworld_records  # noqa: E402
 from editors.adapters import load_model  # noqa: E402
 from editors.adapters.random_models import random_adapter  # noqa: E402
-from editors.config import EditorConfig  # noqa: E402
-from pipeline.config import ValidateSettings  # noqa: E402
+from editors.config import EditorConfig, ModelConfig  # noqa: E402
+from pipeline.check import CheckConfig  # noqa: E402
+from pipeline.config import ValidateSettings, resolve_validation  # noqa: E402
 from pipeline.scope import make_editor, validate_record  # noqa: E402
+from pipeline.validate import validate_records  # noqa: E402
 
 SHAPES: dict[str, dict[str, Any]] = {
     "opt2.7b": {
@@ -141,9 +152,9 @@ def tiny_flagworld(device: str, n: int) -> dict[str, Any]:
     records = flagworld_records(n + 1, 0)
     runs = {}
     for where in dict.fromkeys([device, "cpu"]):
-        settings = ValidateSettings(device=where)
-        adapter = load_model(settings.model_settings())
-        editor = make_editor(adapter, settings.editor_settings())
+        resolved = resolve_validation(ValidateSettings(device=where))
+        adapter = load_model(resolved.model)
+        editor = make_editor(adapter, resolved.editor)
         validations, seconds = _validate_all(where, editor, records)
         runs[where] = {"validations": validations, "s_per_item": seconds / n}
     result: dict[str, Any] = {"items": n}
@@ -223,6 +234,44 @@ def fast_slow_ratio(device: str, n: int) -> dict[str, Any]:
             "slow_s_per_item": round(seconds[False], 4),
             "ratio": round(seconds[False] / seconds[True], 2),
         }
+    return result
+
+
+def batched_validation(
+    device: str, dtype: torch.dtype, shape: str, n: int, sizes: list[int]
+) -> dict[str, Any]:
+    """Batched validation (issue 17 part 3) through the real stage, `validate_records` with
+    `batch_items` = each of `sizes`, on a random-weight BLIP-2 of `shape` with the validate
+    stage's editor settings (greedy answers): s/item, peak GPU memory, and whether the results
+    equal those of one item at a time (`bench.edit_speed.same_results`). The item check's
+    sentence model is left out (the same per-item work at every size)."""
+    adapter = random_adapter("blip2", corpus(), **SHAPES[shape], device=device, dtype=dtype)
+    config = _answering("blip2-random")
+    records = make_records(n)
+    check = CheckConfig(text_similarity=False)
+
+    def validate(size: int, chosen: list) -> list:
+        model = ModelConfig(model=f"blip2-{shape}-random")
+        return validate_records(chosen, config, model, adapter, False, check, batch_items=size)
+
+    validate(max(sizes), make_records(max(sizes), seed=99))  # warm-up: kernels, allocator
+    result: dict[str, Any] = {"shape": shape, "dtype": str(dtype).removeprefix("torch.")}
+    result.update({"items": n, "module": make_editor(adapter, config).path, "sizes": {}})
+    reference = None
+    for size in sizes:
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        validated, seconds = _timed(device, lambda size=size: validate(size, records))
+        run: dict[str, Any] = {"s_per_item": round(seconds / n, 4)}
+        if device.startswith("cuda"):
+            run["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        if reference is None:
+            reference = validated
+            run["verdicts"] = dict(collections.Counter(r.validation.verdict for r in validated))
+        else:
+            run.update(same_results(reference, validated))
+        result["sizes"][str(size)] = run
+        print(json.dumps({"batched size": size, **run}), flush=True)
     return result
 
 
@@ -544,8 +593,12 @@ def main() -> None:
         default=None,
         help="diffusion shape of the images part (default sdxl-turbo; tiny with --shape tiny)",
     )
+    parser.add_argument("--items-batched", type=int, default=32)
+    parser.add_argument(
+        "--batch-sizes", default="1,8,16,32", help="batch_items of the batched part (1 first)"
+    )
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--parts", default="tiny_flagworld,blip2,fast_slow_300m,images")
+    parser.add_argument("--parts", default="tiny_flagworld,blip2,batched,fast_slow_300m,images")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's own)"
     )
@@ -566,6 +619,13 @@ def main() -> None:
         "tiny_flagworld": lambda: tiny_flagworld(args.device, args.items_tiny),
         "blip2": lambda: blip2_fast_path(
             args.device, getattr(torch, args.dtype), args.shape, args.items_blip2
+        ),
+        "batched": lambda: batched_validation(
+            args.device,
+            getattr(torch, args.dtype),
+            args.shape,
+            args.items_batched,
+            [int(size) for size in args.batch_sizes.split(",")],
         ),
         "fast_slow_300m": lambda: fast_slow_ratio(args.device, args.items_ratio),
         "images": lambda: images_stage(

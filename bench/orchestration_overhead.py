@@ -23,6 +23,7 @@ end, over the stage functions' own calls), the time between stages and after pub
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -44,25 +45,22 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 from pipeline import stages  # noqa: E402
-from pipeline.config import TINY_MODEL, BuildConfig  # noqa: E402
+from pipeline.config import TINY_MODEL, BuildConfig, resolve  # noqa: E402
 from pipeline.work import WorkDir  # noqa: E402
 
 
 def build_direct(cfg: BuildConfig) -> dict:
-    """The flow's work without Prefect: same chunks, same threads, same order."""
+    """The flow's work without Prefect: same chunk groups, same threads, same order."""
+    build = resolve(cfg)
     work = WorkDir(cfg.out)
-    work.claim(cfg.fingerprint(), cfg.describe())
+    work.claim(build.fingerprint, build.described, build.inputs)
     with work.lock():
-        ids = stages.list_ids(cfg)
-        chunks = stages.chunked(ids, cfg.chunk_size)
-        indices = range(len(chunks))
+        indices = range(len(stages.chunk_ids(build)))
+        prepare = [name for name in stages.STAGE_NAMES if name != "validate"]
         with ThreadPoolExecutor(max_workers=8) as pool:  # the flow's ThreadPoolTaskRunner(8)
-            list(pool.map(lambda a: stages.gather_chunk(cfg, *a), enumerate(chunks)))
-            for fn in (stages.annotate_chunk, stages.images_chunk, stages.assemble_chunk):
-                list(pool.map(lambda i, fn=fn: fn(cfg, i), indices))
-        for i in indices:
-            stages.validate_chunk(cfg, i)
-        return stages.finalize(cfg, len(chunks), len(ids))
+            reports = list(pool.map(lambda i: stages.run_chunk_stages(build, prepare, i), indices))
+        reports += [stages.run_chunk_stages(build, ["validate"], i) for i in indices]
+        return stages.finalize(build, stages.stage_seconds(reports))
 
 
 def build_flow(cfg: BuildConfig) -> dict:
@@ -117,8 +115,10 @@ def dataset_digest(cfg: BuildConfig, summary: dict) -> str:
     """What must not depend on the path: counts, per-stage counts and the published files
     that hold no timings or timestamps (rejections, EasyEdit export, card)."""
     digest = hashlib.sha256(json.dumps([summary["counts"], summary["stages"]]).encode())
-    for name in ("rejected.jsonl", "easyedit/okedit.json", "README.md"):
+    for name in ("rejected.jsonl", "easyedit/okedit.json"):
         digest.update((cfg.out / name).read_bytes())
+    card = (cfg.out / "README.md").read_text().splitlines()
+    digest.update("\n".join(line for line in card if "| seconds |" not in line).encode())
     return digest.hexdigest()[:16]
 
 
@@ -141,33 +141,37 @@ def api_server_pid() -> int | None:
     return None
 
 
-STAGE_FNS = ("gather_chunk", "annotate_chunk", "images_chunk", "assemble_chunk")
-STAGE_FNS += ("validate_chunk", "finalize")
-
-
 class StageClock:
-    """Start and end of every stage-function call, on both paths alike (`--breakdown`)."""
+    """Start and end of every stage-chunk run and of publishing, on both paths alike
+    (`--breakdown`)."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, float, float]] = []
-        for name in STAGE_FNS:
-            setattr(stages, name, self._wrap(name, getattr(stages, name)))
+        run_chunk, finalize = stages.run_chunk, stages.finalize
 
-    def _wrap(self, name: str, fn: Any) -> Any:
-        def timed_call(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.calls.append((name, start, time.perf_counter()))
+        def timed_run_chunk(build: Any, stage: str, index: int) -> Any:
+            with self._timed(stage):
+                return run_chunk(build, stage, index)
 
-        return timed_call
+        def timed_finalize(*args: Any, **kwargs: Any) -> Any:
+            with self._timed("finalize"):
+                return finalize(*args, **kwargs)
+
+        stages.run_chunk, stages.finalize = timed_run_chunk, timed_finalize
+
+    @contextlib.contextmanager
+    def _timed(self, name: str) -> Any:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.calls.append((name, start, time.perf_counter()))
 
     def split(self, start: float, end: float) -> dict[str, float]:
         """Wall seconds: to the first chunk, per stage, between stages, after publishing."""
         spans: dict[str, list[float]] = {}
         for name, a, b in self.calls:
-            span = spans.setdefault(name.removesuffix("_chunk"), [a, b])
+            span = spans.setdefault(name, [a, b])
             span[0], span[1] = min(span[0], a), max(span[1], b)
         ordered = sorted(spans.items(), key=lambda kv: kv[1][0])
         out = {"to_first_chunk": ordered[0][1][0] - start}

@@ -38,7 +38,7 @@ from editors.adapters import load_model
 from editors.codebook import pairwise_distance, pool_keys
 from editors.config import KEY_VARIANTS, EditorConfig, ModelConfig
 from editors.metrics import harmonic_mean
-from pipeline.build import build_records
+from pipeline.assemble import build_records
 from pipeline.images import RenderBackend
 from pipeline.offline_annotator import FlagworldAnnotator
 from pipeline.scope import build_probes, make_editor, validate_record

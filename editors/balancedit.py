@@ -29,10 +29,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from editors.base import Editor, Radius
+from editors.base import Editor, Radius, routed_positions
 from editors.codebook import balanced_radius, distance
 
 
@@ -79,11 +78,11 @@ class BalancEdit(Editor):
     def edited_output(
         self, x: Tensor, rows: Tensor, pos: Tensor, route: Tensor, last_prompt: Tensor
     ) -> Tensor:
-        out = self.base(x)
-        row_route = route[rows].unsqueeze(-1)
-        for entry in route.unique().tolist():
-            if entry < 0:
-                continue
-            copy_out = self.codebook.values[entry](x.float()).to(out.dtype)
-            out = torch.where(row_route == entry, copy_out, out)
-        return out
+        out = self.base(x)  # the original module, for inputs routed nowhere (-1)
+        flat_x, flat_out = x.reshape(-1, x.shape[-1]), out.reshape(-1, out.shape[-1])
+        for entry, at in routed_positions(route[rows]).items():
+            # Each copy runs on its own routed inputs only: several items' edits side by side
+            # cost one pass over their inputs, not one per entry.
+            copy_out = self.codebook.values[entry](flat_x[at].float()).to(out.dtype)
+            flat_out = flat_out.index_put((at,), copy_out)
+        return flat_out.reshape(out.shape)

@@ -96,7 +96,8 @@ class Routed:
 class _Context:
     pool_masks: list[Tensor]
     last_prompt: Tensor
-    force: int | None = None
+    force: Tensor | None = None  # (B,) entry of each row, routing aside (training)
+    groups: Tensor | None = None  # (B,) codebook group of each row
     generating: bool = False
     route: Tensor | None = None
     offset: int = 0
@@ -126,6 +127,7 @@ class Editor(ABC):
 
     name: ClassVar[str] = ""
     uses_radius_probes: ClassVar[bool] = False  # needs EditRequest.positive and .negative
+    independent_entries: ClassVar[bool] = True  # an edit changes only its own entry's value
 
     def __init__(self, adapter: VLMAdapter, config: EditorConfig) -> None:
         self.adapter = adapter
@@ -157,13 +159,23 @@ class Editor(ABC):
     def trainable(self, entry: int) -> list[Tensor]:
         """The parameters trained for codebook entry `entry`."""
 
-    def place(self, key: Tensor, value: Any, radii: list[float], label: str) -> Placement:
-        """Put a new edit in the codebook (GRACE's add / split / expand rules)."""
-        return self.codebook.add(key, value, radii, label)
+    def place(
+        self, key: Tensor, value: Any, radii: list[float], label: str, group: int = 0
+    ) -> Placement:
+        """Put a new edit in the codebook (GRACE's add / split / expand rules, within its
+        group)."""
+        return self.codebook.add(key, value, radii, label, group)
 
     def restore(self) -> None:
         """Forget every edit: the model is exactly as before the first edit."""
         self.codebook.clear()
+
+    @property
+    def edits_side_by_side(self) -> bool:
+        """Whether `edit_rows` may train several independent edits at once: on the fast path,
+        for an editor whose edits live in their own codebook entries (not FT, which trains
+        the shared module), outside sequential editing (where each edit sees the previous)."""
+        return self.fast and self.independent_entries and not self.config.sequential
 
     # ----------------------------------------------------------------- editing
     def edit(self, request: EditRequest) -> EditOutcome:
@@ -174,44 +186,63 @@ class Editor(ABC):
         )
         capture = self.adapter.capture(batch, self.path) if self.fast else None
         label = request.label or request.edit.answer
-        return self.edit_rows(batch, capture, list(range(batch.size)), label)
+        return self.edit_rows(batch, capture, [list(range(batch.size))], [label])[0]
 
     def edit_rows(
-        self, batch: Batch, capture: Capture | None, rows: list[int], label: str
-    ) -> EditOutcome:
-        """Edit from rows [edit, positive, negative] (or [edit]) of a built batch; with a clean
-        `capture` of that batch (fast path) no further forward of the network is needed."""
-        start = time.perf_counter()
-        if capture is not None:
-            masks = [mask[rows] for mask in self.key_masks(batch)]
-            keys = pool_key_parts(capture.x[rows], masks)
-            x_edit = capture.x[rows[0]]
-        else:
-            sub = self.adapter.select(batch, rows)
-            x = self.module_inputs(sub)
-            keys, x_edit = self.keys_of(x, sub), x[0]
-        last_prompt = int(batch.last_prompt[rows[0]])
-        value, radii = self.new_entry(keys, x_edit, last_prompt)
-        placement = self.place(keys[0], value, [r.epsilon for r in radii], label)
-        edit_batch = self.adapter.select(batch, rows[:1])
-        losses = self._train(
-            placement, edit_batch, self._edit_capture(capture, rows[0], edit_batch)
-        )
-        placed = self.codebook.radii[placement.index]
-        return EditOutcome(
-            entry=placement.index,
-            action=placement.action,
-            radii=tuple(replace(r, epsilon=e) for r, e in zip(radii, placed, strict=True)),
-            losses=losses,
-            path="fast" if capture is not None else "slow",
-            seconds=time.perf_counter() - start,
-        )
+        self, batch: Batch, capture: Capture | None, edits: list[list[int]], labels: list[str]
+    ) -> list[EditOutcome]:
+        """Edits from rows [edit, positive, negative, ...] (or [edit]) of a built batch, one
+        row list and label per edit; with a clean `capture` of that batch (fast path) no
+        further forward of the network is needed.
 
-    def _edit_capture(self, capture: Capture | None, row: int, edit_batch: Batch) -> Capture | None:
+        Several edits are independent: edit i goes to codebook group i (it routes only rows of
+        group i; see `evaluate`) and their values train side by side (`_optimize`). One edit
+        is the same code with one group.
+        """
+        if len(edits) > 1 and not self.edits_side_by_side:
+            raise ValueError(f"{self.name} edits one at a time here (fast path, not sequential)")
+        start = time.perf_counter()
+        placements, radii = [], []
+        for group, (rows, label) in enumerate(zip(edits, labels, strict=True)):
+            if capture is not None:
+                masks = [mask[rows] for mask in self.key_masks(batch)]
+                keys = pool_key_parts(capture.x[rows], masks)
+                x_edit = capture.x[rows[0]]
+            else:
+                sub = self.adapter.select(batch, rows)
+                x = self.module_inputs(sub)
+                keys, x_edit = self.keys_of(x, sub), x[0]
+            value, entry_radii = self.new_entry(keys, x_edit, int(batch.last_prompt[rows[0]]))
+            epsilons = [r.epsilon for r in entry_radii]
+            placements.append(self.place(keys[0], value, epsilons, label, group))
+            radii.append(entry_radii)
+        firsts = [rows[0] for rows in edits]
+        edit_batch = self.adapter.select(batch, firsts)
+        edit_capture = self._edit_capture(capture, firsts, edit_batch)
+        losses = self._train(placements, edit_batch, edit_capture)
+        seconds = (time.perf_counter() - start) / len(edits)  # each edit's share
+        return [
+            EditOutcome(
+                entry=placement.index,
+                action=placement.action,
+                radii=tuple(
+                    replace(r, epsilon=e)
+                    for r, e in zip(entry_radii, self.codebook.radii[placement.index], strict=True)
+                ),
+                losses=entry_losses,
+                path="fast" if capture is not None else "slow",
+                seconds=seconds,
+            )
+            for placement, entry_radii, entry_losses in zip(placements, radii, losses, strict=True)
+        ]
+
+    def _edit_capture(
+        self, capture: Capture | None, rows: list[int], edit_batch: Batch
+    ) -> Capture | None:
         if capture is None:
             return None
         if capture.per_position:
-            return capture.rows([row])
+            return capture.rows(rows)
         return self.adapter.capture(edit_batch, self.path)
 
     def training_targets(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
@@ -229,36 +260,56 @@ class Editor(ABC):
         rows, pos = torch.cat([rows, trained]), torch.cat([pos, ends])
         return rows, pos, torch.cat([targets, torch.full_like(ends, eos)])
 
-    def _train(self, placement: Placement, batch: Batch, capture: Capture | None) -> list[float]:
+    def _train(
+        self, placements: list[Placement], batch: Batch, capture: Capture | None
+    ) -> list[list[float]]:
+        """Train each placement's entry on row i of `batch` (edit i's sequence)."""
         rows, pos, targets = self.training_targets(batch)
-        route = torch.tensor([placement.index], device=targets.device)
-        if capture is not None:
-            return self._optimize(
-                placement.index,
-                lambda: _loss(self.tail_logits(capture, batch, route, rows, pos), targets),
-            )
-        with self.applied(batch, force_entry=placement.index):
-            return self._optimize(
-                placement.index,
-                lambda: _loss(self.adapter.logits(batch)[rows, pos], targets),
-            )
+        token_rows, device = rows.tolist(), targets.device
 
-    def _optimize(self, entry: int, loss_fn: Callable[[], Tensor]) -> list[float]:
-        """Adam on the entry's parameters; all other weights are frozen."""
-        optimizer = _adam(self.trainable(entry), self.config.lr, self.config.adam_eps)
-        losses: list[float] = []
+        def losses(active: list[bool]) -> Tensor:
+            # A finished edit routes nowhere: its entry leaves the graph and gets no gradient.
+            # (Indices built on the host: no device sync beyond the loss values.)
+            entries = [p.index if on else -1 for p, on in zip(placements, active, strict=True)]
+            route = torch.tensor(entries, device=device)
+            keep = torch.tensor([t for t, r in enumerate(token_rows) if active[r]], device=device)
+            r, p = rows[keep], pos[keep]
+            if capture is not None:
+                logits = self.tail_logits(capture, batch, route, r, p)
+            else:
+                with self.applied(batch, force=route):
+                    logits = self.adapter.logits(batch)[r, p]
+            each = _losses(logits, targets[keep], r, len(placements))
+            return each[torch.tensor(_true(active), device=device)]
+
+        return self._optimize([p.index for p in placements], losses)
+
+    def _optimize(
+        self, entries: list[int], losses_of: Callable[[list[bool]], Tensor]
+    ) -> list[list[float]]:
+        """Adam on the entries' parameters; all other weights are frozen. The edits train side
+        by side on the sum of their losses: edit i's loss depends on its own entry alone, so
+        each entry gets exactly its own gradient, and Adam updates each parameter on its own.
+        An edit whose loss falls below `target_loss_stop` stops there (no further step)."""
+        params = [t for entry in entries for t in self.trainable(entry)]
+        optimizer = _adam(params, self.config.lr, self.config.adam_eps)
+        active = [True] * len(entries)  # edits still training
+        history: list[list[float]] = [[] for _ in entries]
+        stop = self.config.target_loss_stop
         for _ in range(self.config.steps):
-            loss = loss_fn()
-            losses.append(loss.item())
-            if (
-                self.config.target_loss_stop is not None
-                and losses[-1] < self.config.target_loss_stop
-            ):
+            loss = losses_of(active)  # (active edits,)
+            going = []
+            for i, value in zip(_true(active), loss.tolist(), strict=True):
+                history[i].append(value)
+                going.append(stop is None or value >= stop)
+            if not any(going):
                 break
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss[torch.tensor(_true(going), device=loss.device)].sum().backward()
             optimizer.step()
-        return losses
+            for i, keep in zip(_true(active), going, strict=True):
+                active[i] = keep
+        return history
 
     # ----------------------------------------------------------------- keys
     def key_masks(self, batch: Batch) -> list[Tensor]:
@@ -300,10 +351,14 @@ class Editor(ABC):
         return _split_rows(flat, batch)
 
     @torch.no_grad()
-    def evaluate(self, batch: Batch, capture: Capture | None = None) -> Routed:
-        """The edited model on `batch`: from a clean capture (fast) or a full forward (slow)."""
+    def evaluate(
+        self, batch: Batch, capture: Capture | None = None, groups: Tensor | None = None
+    ) -> Routed:
+        """The edited model on `batch`: from a clean capture (fast) or a full forward (slow).
+        With the (B,) codebook `groups` of the rows, each row routes among its group's entries
+        only (independent edits, `edit_rows`)."""
         if capture is None:
-            with self.applied(batch) as ctx:
+            with self.applied(batch, groups=groups) as ctx:
                 logits = self.adapter.logits(batch)
             rows, pos = batch.target_mask.nonzero(as_tuple=True)
             return Routed(
@@ -311,7 +366,7 @@ class Editor(ABC):
             )
         keys = self.keys_of(capture.x, batch)
         parts = self.codebook.part_distances(keys)
-        _, route = self.codebook.route(keys)
+        _, route = self.codebook.route(keys, groups)
         rows, pos = batch.target_mask.nonzero(as_tuple=True)
         head = self.adapter.model.get_submodule(self.adapter.lm_head_path)
         flat = head(capture.final_hidden[rows, pos])
@@ -349,35 +404,46 @@ class Editor(ABC):
         out = self.edited_output(x, rows, pos, route, last_prompt)
         return self.adapter.head(resid + out.to(resid.dtype))
 
-    def generation_route(self, batch: Batch, capture: Capture) -> Tensor:
+    def generation_route(
+        self, batch: Batch, capture: Capture, groups: Tensor | None = None
+    ) -> Tensor:
         """(B,) entry of each row when generating: keys pooled over the prompt alone, as the
-        wrapper does on a prompt-only forward (-1 = original module)."""
+        wrapper does on a prompt-only forward (-1 = original module; `groups` as `evaluate`)."""
         masks = [mask & batch.prompt_mask for mask in self.key_masks(batch)]
-        _, route = self.codebook.route(pool_key_parts(capture.x, masks))
+        _, route = self.codebook.route(pool_key_parts(capture.x, masks), groups)
         return route
 
     @torch.no_grad()
-    def generate(self, batch: Batch, max_new_tokens: int = 8) -> list[str]:
+    def generate(
+        self, batch: Batch, max_new_tokens: int = 8, groups: Tensor | None = None
+    ) -> list[str]:
         """Greedy answers of the edited model; routing is decided once, from the prompt."""
         answers = []
         for row in range(batch.size):
             single = self.adapter.select(batch, [row], prompt_only=True)
-            with self.applied(single, generating=True):
+            group = groups[row : row + 1] if groups is not None else None
+            with self.applied(single, generating=True, groups=group):
                 answers.extend(self.adapter.generate(single, max_new_tokens))
         return answers
 
     # ----------------------------------------------------------------- the wrapper
     @contextmanager
     def applied(
-        self, batch: Batch, force_entry: int | None = None, generating: bool = False
+        self,
+        batch: Batch,
+        force: Tensor | None = None,
+        generating: bool = False,
+        groups: Tensor | None = None,
     ) -> Iterator[_Context]:
-        """Install the wrapper for forwards over `batch` (routing per row from its keys)."""
+        """Install the wrapper for forwards over `batch` (routing per row from its keys, among
+        the entries of its codebook group; or the (B,) entries `force`d)."""
         parent_path, _, name = self.path.rpartition(".")
         parent = self.adapter.model.get_submodule(parent_path)
         ctx = _Context(
             pool_masks=self.key_masks(batch),
             last_prompt=batch.last_prompt,
-            force=force_entry,
+            force=force,
+            groups=groups,
             generating=generating,
         )
         self._ctx = ctx
@@ -411,9 +477,9 @@ class Editor(ABC):
         if ctx.route is None or not ctx.generating:
             keys = pool_key_parts(x3, ctx.pool_masks)
             parts = self.codebook.part_distances(keys)
-            _, route = self.codebook.route(keys)
+            _, route = self.codebook.route(keys, ctx.groups)
             if ctx.force is not None:
-                route = torch.full_like(route, ctx.force)
+                route = ctx.force
             ctx.route = route
             ctx.distances.append(parts.sum(dim=-1))
             ctx.parts.append(parts)
@@ -444,9 +510,28 @@ def _adam(params: list[Tensor], lr: float, eps: float) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=lr, eps=eps)
 
 
-def _loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """Teacher-forced target loss: mean cross-entropy over the target tokens."""
-    return nn.functional.cross_entropy(logits.float(), targets)
+def _losses(logits: Tensor, targets: Tensor, rows: Tensor, edits: int) -> Tensor:
+    """Teacher-forced target loss of each edit (edits,): the mean cross-entropy over the
+    target tokens of its row (`rows`: the row of each token)."""
+    tokens = nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+    total = tokens.new_zeros(edits).index_add(0, rows, tokens)
+    count = tokens.new_zeros(edits).index_add(0, rows, torch.ones_like(tokens))
+    return total / count.clamp_min(1)
+
+
+def routed_positions(entry_of: Tensor) -> dict[int, Tensor]:
+    """Flat indices of the inputs routed to each entry (entry_of: each input's entry, -1 for
+    none), read with one device sync for all entries."""
+    flat = entry_of.reshape(-1).tolist()
+    by_entry: dict[int, list[int]] = {}
+    for i, entry in enumerate(flat):
+        if entry >= 0:
+            by_entry.setdefault(entry, []).append(i)
+    return {e: torch.tensor(at, device=entry_of.device) for e, at in by_entry.items()}
+
+
+def _true(flags: list[bool]) -> list[int]:
+    return [i for i, flag in enumerate(flags) if flag]
 
 
 def _split_rows(flat: Tensor, batch: Batch) -> list[Tensor]:

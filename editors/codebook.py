@@ -19,6 +19,12 @@ this is the single-key rule above. The GRACE rules act per part: two entries are
 when *some* part's balls are (add); a split halves the radii of the part whose balls overlap
 least (largest d_p / (ε_old,p + ε_new,p)); an expansion grows every part to cover the key.
 Keys are stored as (N, P, H); a (H,) or (B, H) key is a one-part key.
+
+Groups (independent edits in one codebook). Each entry belongs to a group (0 unless told);
+given the group of each query row, a row sees only its own group's entries, as if each group
+were a codebook of its own: another group's keys are out of reach (d = ∞) for routing and for
+the placement rules. Several items edited side by side (`Editor.edit_rows`) each get a group,
+so one item's edit never routes another item's probes.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ PoolingName = Literal["mean_all", "mean_prompt", "last_prompt"]
 V = TypeVar("V")
 
 SPLIT_MARGIN = 1e-5  # GRACE: the old radius ends just short of d/2, so the midpoint goes new
+PAIR_CHUNK = 2**24  # elements of a pairwise product at a time (64 MB in fp32)
 
 
 def pairwise_distance(a: Tensor, b: Tensor, distance: DistanceName) -> Tensor:
@@ -43,10 +50,26 @@ def pairwise_distance(a: Tensor, b: Tensor, distance: DistanceName) -> Tensor:
     if distance == "cosine":
         a_n = torch.nn.functional.normalize(a, dim=-1)
         b_n = torch.nn.functional.normalize(b, dim=-1)
-        return (1.0 - a_n @ b_n.T).clamp_min(0.0)
+        return (1.0 - _pairwise_dot(a_n, b_n)).clamp_min(0.0)
     if distance == "euclidean":
-        return torch.cdist(a, b, p=2)
+        # The direct differences, not cdist's |a|² + |b|² − 2ab shortcut for many rows: its
+        # cancellation made a key's distance depend on how many rows share the call (5e-5
+        # relative on GRACE's last-token keys), so a probe's routing on its batch.
+        return torch.cdist(a, b, p=2, compute_mode="donot_use_mm_for_euclid_dist")
     raise ValueError(f"unknown distance {distance!r}; use 'cosine' or 'euclidean'")
+
+
+def _pairwise_dot(a: Tensor, b: Tensor) -> Tensor:
+    """a_i · b_j (N, M), each a sum over the width of its own pair: a matrix product's
+    rounding depends on how many rows share the call, and a key's distance (hence its routing)
+    should not depend on which other items' probes are batched with it. Entries are taken in
+    chunks of bounded size (`PAIR_CHUNK` elements)."""
+    step = max(1, PAIR_CHUNK // max(1, a.shape[0] * a.shape[1]))
+    chunks = [
+        (a.unsqueeze(1) * b[i : i + step].unsqueeze(0)).sum(dim=-1)
+        for i in range(0, b.shape[0], step)
+    ]
+    return torch.cat(chunks, dim=1) if chunks else a.new_zeros(a.shape[0], 0)
 
 
 def distance(a: Tensor, b: Tensor, distance_name: DistanceName) -> float:
@@ -118,6 +141,7 @@ class Codebook(Generic[V]):
     radii: list[tuple[float, ...]] = field(default_factory=list)  # ε_p of each entry
     values: list[V] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
+    groups: list[int] = field(default_factory=list)  # group of each entry
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -139,53 +163,63 @@ class Codebook(Generic[V]):
         parts = [pairwise_distance(queries[:, i], keys[:, i], self.distance) for i in range(p)]
         return torch.stack(parts, dim=-1)
 
-    def distances(self, queries: Tensor) -> Tensor:
-        """The combined distance Σ_p d(q_p, k_p) as (B, N) (= d for one-part keys)."""
-        return self.part_distances(queries).sum(dim=-1)
+    def distances(self, queries: Tensor, groups: Tensor | None = None) -> Tensor:
+        """The combined distance Σ_p d(q_p, k_p) as (B, N) (= d for one-part keys); with the
+        (B,) `groups` of the queries, ∞ to the entries of other groups."""
+        combined = self.part_distances(queries).sum(dim=-1)
+        if groups is None:
+            return combined
+        entry_groups = torch.tensor(self.groups, device=combined.device)
+        same = groups.to(combined.device).unsqueeze(1) == entry_groups.unsqueeze(0)
+        return combined.masked_fill(~same, float("inf"))
 
-    def nearest(self, queries: Tensor) -> tuple[Tensor, Tensor]:
-        """(distance, index) of the nearest key per query; (inf, -1) when the codebook is empty."""
+    def nearest(self, queries: Tensor, groups: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(distance, index) of the nearest key per query (within the query's group, when
+        `groups` are given); (inf, -1) when there is none."""
+        batch = as_parts(queries).shape[0]
         if len(self) == 0:
-            batch = as_parts(queries).shape[0]
             inf = torch.full((batch,), float("inf"), device=queries.device)
             return inf, torch.full((batch,), -1, dtype=torch.long, device=queries.device)
-        return self.distances(queries).min(dim=1)
+        dist, index = self.distances(queries, groups).min(dim=1)
+        return dist, torch.where(torch.isinf(dist), torch.full_like(index, -1), index)
 
-    def route(self, queries: Tensor) -> tuple[Tensor, Tensor]:
-        """(distance to nearest key, entry index or -1): the nearest entry is used iff every
-        part of the query lies within that part's ε."""
-        dist, index = self.nearest(queries)
+    def route(self, queries: Tensor, groups: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(distance to nearest key, entry index or -1): the nearest entry (of the query's
+        group) is used iff every part of the query lies within that part's ε."""
+        dist, index = self.nearest(queries, groups)
         if len(self) == 0:
             return dist, index
         rows = torch.arange(len(index), device=index.device)
-        parts = self.part_distances(queries)[rows, index]  # (B, P): d_p to the nearest entry
-        eps = torch.tensor(self.radii, device=dist.device, dtype=parts.dtype)[index]
-        inside = (parts <= eps).all(dim=-1)
+        nearest = index.clamp_min(0)  # rows with no entry in reach are masked below
+        parts = self.part_distances(queries)[rows, nearest]  # (B, P): d_p to the nearest entry
+        eps = torch.tensor(self.radii, device=dist.device, dtype=parts.dtype)[nearest]
+        inside = (parts <= eps).all(dim=-1) & (index >= 0)
         return dist, torch.where(inside, index, torch.full_like(index, -1))
 
     def relative_distance(self, queries: Tensor, entry: int) -> Tensor:
         """max_p d(q_p, k_p) / ε_p for one entry, (B,): ≤ 1 iff the entry contains the query."""
         return relative_distance(self.part_distances(queries)[:, entry], self.radii[entry])
 
-    def add(self, key: Tensor, value: V, epsilon: Radii, label: str) -> Placement:
-        """Place a new edit by GRACE's add / split / expand rules (module docstring)."""
+    def add(self, key: Tensor, value: V, epsilon: Radii, label: str, group: int = 0) -> Placement:
+        """Place a new edit by GRACE's add / split / expand rules (module docstring), among the
+        entries of its group."""
         key = self._checked(key)
         new = _radii(epsilon, key.shape[1])
-        if len(self) == 0:
-            return self._append(key, value, new, label, "add")
-        dist_t, index_t = self.nearest(key)
+        dist_t, index_t = self.nearest(key, torch.tensor([group]))
+        if int(index_t[0]) < 0:  # no entry of this group yet
+            return self._append(key, value, new, label, group, "add")
         d, nearest = float(dist_t[0]), int(index_t[0])
         d_parts = self.part_distances(key)[0, nearest].tolist()
         old = self.radii[nearest]
         reach = [eo + en for eo, en in zip(old, new, strict=True)]  # ε_old,p + ε_new,p
         if any(dp > r for dp, r in zip(d_parts, reach, strict=True)):  # some part disjoint
-            return self._append(key, value, new, label, "add", d)
+            return self._append(key, value, new, label, group, "add", d)
         if self.labels[nearest] != label:
             overlap = [dp / max(r, 1e-12) for dp, r in zip(d_parts, reach, strict=True)]
             p = overlap.index(max(overlap))  # split the part whose balls overlap least
             split = list(new)
             split[p] = min(new[p], d_parts[p] / 2)
-            placement = self._append(key, value, tuple(split), label, "split", d)
+            placement = self._append(key, value, tuple(split), label, group, "split", d)
             shrunk = list(old)
             shrunk[p] = min(old[p], d_parts[p] / 2 - SPLIT_MARGIN)
             self.radii[nearest] = tuple(shrunk)
@@ -193,10 +227,12 @@ class Codebook(Generic[V]):
         self.radii[nearest] = tuple(max(eo, dp) for eo, dp in zip(old, d_parts, strict=True))
         return Placement("expand", nearest, d)
 
-    def append(self, key: Tensor, value: V, epsilon: Radii, label: str) -> Placement:
+    def append(
+        self, key: Tensor, value: V, epsilon: Radii, label: str, group: int = 0
+    ) -> Placement:
         """Add an entry without GRACE's placement rules (e.g. FT, which does not route)."""
         key = self._checked(key)
-        return self._append(key, value, _radii(epsilon, key.shape[1]), label, "add")
+        return self._append(key, value, _radii(epsilon, key.shape[1]), label, group, "add")
 
     def _checked(self, key: Tensor) -> Tensor:
         """One key as (1, P, H), from (H,) (one part) or (P, H), shaped like the stored keys."""
@@ -210,7 +246,7 @@ class Codebook(Generic[V]):
         return key
 
     def clear(self) -> None:
-        self.keys, self.radii, self.values, self.labels = None, [], [], []
+        self.keys, self.radii, self.values, self.labels, self.groups = None, [], [], [], []
 
     def _append(
         self,
@@ -218,6 +254,7 @@ class Codebook(Generic[V]):
         value: V,
         radii: tuple[float, ...],
         label: str,
+        group: int,
         action: str,
         d: float = float("inf"),
     ) -> Placement:
@@ -225,6 +262,7 @@ class Codebook(Generic[V]):
         self.radii.append(radii)
         self.values.append(value)
         self.labels.append(label)
+        self.groups.append(group)
         return Placement(action, len(self) - 1, d)  # type: ignore[arg-type]
 
 

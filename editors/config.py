@@ -8,6 +8,7 @@ flagworld VLM in 50 steps (design §9), so edit strength is per model and report
 every result (`Validation.edit_config`). The "paper" preset (`EditorConfig.for_model(...,
 editor_preset="paper", family=...)`) replaces all of that by the settings of the BalancEdit
 authors' code (`authors_settings`); `differences_from_authors` lists what still differs.
+All three are data, in presets.yaml beside this file.
 
 `ModelConfig` says which VLM to load and where (`editors.adapters.load_model`).
 """
@@ -16,10 +17,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Any, Literal
 
 import torch
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 EditorName = Literal["balancedit", "grace", "ft"]
@@ -33,29 +35,10 @@ NegativeAnswer = Literal["target", "train_answer"]
 Family = Literal["auto", "llava", "blip2", "qwen2_vl", "idefics3", "smolvlm"]
 EditorPreset = Literal["default", "paper"]
 
-# Reference settings of each editor (design §7.1-7.2). Explicit arguments override them.
-EDITOR_DEFAULTS: dict[str, dict[str, Any]] = {
-    # BalancEdit (ref): mean-pooled key, cosine, Adam lr 1e-4, 50 steps, eps 1e-4, alpha 0.05.
-    "balancedit": {"key_pooling": "mean_all", "distance": "cosine", "lr": 1e-4, "steps": 50},
-    # GRACE: key and value at the last prompt token, fixed radius 1.0, Euclidean, lr 1.0, 100 steps.
-    "grace": {
-        "key_pooling": "last_prompt",
-        "distance": "euclidean",
-        "lr": 1.0,
-        "steps": 100,
-        "grace_epsilon": 1.0,
-    },
-    # FT: the same module fine-tuned in place, no routing; lr 0.01, 25 steps.
-    "ft": {"key_pooling": "mean_all", "distance": "cosine", "lr": 1e-2, "steps": 25},
-}
-
-# BalancEdit edit strength per model, matched by name (see `preset_name`). The tiny flagworld
-# VLM needs lr 1e-2 to flip its answer firmly within 50 steps (design §9: 1e-4 flips 0/3,
-# 1e-3 just flips, 1e-2 firmly); everything else starts from the paper's setting.
-EDIT_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny-flagworld": {"lr": 1e-2, "steps": 50},
-    "default": {"lr": 1e-4, "steps": 50},
-}
+# Editor defaults, per-model edit strengths and the authors' settings: data in presets.yaml.
+PRESETS: dict[str, Any] = yaml.safe_load((Path(__file__).parent / "presets.yaml").read_text())
+EDITOR_DEFAULTS: dict[str, dict[str, Any]] = PRESETS["editor_defaults"]
+EDIT_PRESETS: dict[str, dict[str, Any]] = PRESETS["edit_presets"]
 
 
 @dataclass(frozen=True)
@@ -85,52 +68,17 @@ KEY_VARIANTS: dict[str, tuple[KeyPart, ...]] = {
 }
 
 
-# The BalancEdit authors' code: github.com/donglgcn/EasyEdit, branch MMOKVQA. Read from
-# easyeditor/models/BalancEdit/{balancedit.py,utils.py}, the OK-VQA hparams
-# hparams/BalancEdit/{blip2,minigpt4}.yaml (what multimodal_edit.py's OK-VQA runs load) and the
-# model wrappers easyeditor/trainer/blip2_models/{blip2_opt.py,mini_gpt4.py}.
-AUTHORS_CODE = "github.com/donglgcn/EasyEdit (branch MMOKVQA)"
-# The two models the authors edited. okedit's Llama-style families take MiniGPT-4's settings:
-# like its Vicuna-7B they are Llama-family decoders (BLIP-2 is the only OPT one).
-AUTHORS_MODEL: dict[str, str] = {
-    "blip2": "BLIP-2 OPT-2.7B",
-    "llava": "MiniGPT-4 (Vicuna-7B)",
-    "qwen2_vl": "MiniGPT-4 (Vicuna-7B)",
-    "idefics3": "MiniGPT-4 (Vicuna-7B)",
-    "smolvlm": "MiniGPT-4 (Vicuna-7B)",
-}
-# Per authors' model: α (yaml `alpha`) and the wrapped module inside the last decoder layer
-# (yaml `inner_params`: OPT `layers[31].fc2`, Vicuna `layers[31].mlp.up_proj`, both the last).
-AUTHORS_ALPHA: dict[str, float] = {"BLIP-2 OPT-2.7B": 0.05, "MiniGPT-4 (Vicuna-7B)": 0.25}
-AUTHORS_MODULE: dict[str, str] = {"BLIP-2 OPT-2.7B": "fc2", "MiniGPT-4 (Vicuna-7B)": "mlp.up_proj"}
-# What both models share. lr: the yaml's edit_lr 0.01 times the 0.01 the code multiplies it by;
-# Adam's eps 1e-4 is hard-coded. The key is the module input averaged over every position of
-# the sequence (image tokens, question, appended target). The radius negative is the edit
-# question on an all-black image followed by the item's training near-miss answer (the code's
-# `debug` branch, the one that runs, reuses the locality tokens with the image blacked out).
-# No end-of-sequence token is trained (MiniGPT-4's end_sym is ''; BLIP-2 appends nothing), no
-# early stop, and each edit is undone before the next one.
-AUTHORS_SETTINGS: dict[str, Any] = {
-    "editor": "balancedit",
-    "key_variant": "reference",
-    "key_pooling": "mean_all",
-    "distance": "cosine",
-    "alpha_weights": "positive",
-    "negative": "black",
-    "negative_answer": "train_answer",
-    "lr": 1e-4,
-    "steps": 50,
-    "adam_eps": 1e-4,
-    "edit_eos": False,
-    "target_loss_stop": None,
-    "sequential": False,
-}
-# BLIP-2's text in the authors' code: the raw question, then " " + answer, tokenized without
-# special tokens (no BOS after the query tokens, no "Question: ... Answer:" wrapping).
-AUTHORS_BLIP2_TEMPLATE = "{image}{question}"
-# MiniGPT-4's: BOS, "###Human: <Img>", the image, "</Img> ", the question, " " + answer; no
-# "###Assistant:" turn. Another model's format: okedit's Llama-style families keep their own.
-AUTHORS_MINIGPT4_PROMPT = "<s>###Human: <Img>{image}</Img> {question} {answer}"
+# BalancEdit as its authors' code runs it (presets.yaml `authors`: where it was read, the
+# two models they edited and what okedit's families map to, α and module per model, the
+# settings both share, BLIP-2's template and MiniGPT-4's prompt).
+_AUTHORS: dict[str, Any] = PRESETS["authors"]
+AUTHORS_CODE: str = _AUTHORS["code"]
+AUTHORS_MODEL: dict[str, str] = _AUTHORS["model"]
+AUTHORS_ALPHA: dict[str, float] = _AUTHORS["alpha"]
+AUTHORS_MODULE: dict[str, str] = _AUTHORS["module"]
+AUTHORS_SETTINGS: dict[str, Any] = _AUTHORS["settings"]
+AUTHORS_BLIP2_TEMPLATE: str = _AUTHORS["blip2_template"]
+AUTHORS_MINIGPT4_PROMPT: str = _AUTHORS["minigpt4_prompt"]
 
 
 def _authors_model(family: str) -> str:

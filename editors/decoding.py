@@ -28,14 +28,21 @@ from editors.base import Editor
 
 @torch.no_grad()
 def greedy_answers(
-    editor: Editor, batch: Batch, capture: Capture, edited: bool, max_new_tokens: int
+    editor: Editor,
+    batch: Batch,
+    capture: Capture,
+    edited: bool,
+    max_new_tokens: int,
+    groups: Tensor | None = None,
 ) -> list[str]:
-    """Greedy answers of the clean (or, with `edited`, the edited) model to every row's prompt."""
+    """Greedy answers of the clean (or, with `edited`, the edited) model to every row's prompt;
+    with the rows' codebook `groups`, each row routes among its group's entries only (the
+    probes of several items edited side by side decode in one batch)."""
     if capture.kv is None or capture.position_shift is None:
         raise ValueError("decoding needs a capture taken with keep_kv=True")
     adapter = editor.adapter
     device = capture.x.device
-    route = editor.generation_route(batch, capture) if edited else None
+    route = editor.generation_route(batch, capture, groups) if edited else None
     active = torch.arange(batch.size, device=device)  # rows still decoding
     position = batch.last_prompt.clone()  # where the newest token's output was computed
     x, resid, final = (

@@ -2,7 +2,8 @@
 
 Every input sees the edited weights. The codebook keeps each edit's key only so that probe
 distances can be reported; its radius is infinite. `restore()` copies the saved weights back
-(bit-exact).
+(bit-exact). Edits therefore run one at a time (`independent_entries` is False): several items
+cannot train the one module side by side.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from editors.config import EditorConfig
 
 class FineTune(Editor):
     name = "ft"
+    independent_entries = False  # every edit trains the one shared module
 
     def __init__(self, adapter: VLMAdapter, config: EditorConfig) -> None:
         super().__init__(adapter, config)
@@ -31,8 +33,10 @@ class FineTune(Editor):
     ) -> tuple[Any, tuple[Radius, ...]]:
         return None, (Radius(math.inf),)
 
-    def place(self, key: Tensor, value: Any, radii: list[float], label: str) -> Placement:
-        return self.codebook.append(key, value, radii, label)
+    def place(
+        self, key: Tensor, value: Any, radii: list[float], label: str, group: int = 0
+    ) -> Placement:
+        return self.codebook.append(key, value, radii, label, group)
 
     def trainable(self, entry: int) -> list[Tensor]:
         params = list(self.base.parameters())

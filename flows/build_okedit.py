@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from prefect import Flow, flow, get_run_logger, runtime, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.deployments import run_deployment  # noqa: E402
-from prefect.futures import as_completed, wait  # noqa: E402
+from prefect.futures import wait  # noqa: E402
 from prefect.settings import (  # noqa: E402
     PREFECT_API_URL,
     PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
@@ -38,58 +39,58 @@ from rich.progress import Progress, TaskID  # noqa: E402
 from flows import tasks  # noqa: E402
 from flows.validate_shard import report_path  # noqa: E402
 from pipeline import stages  # noqa: E402
-from pipeline.config import BuildConfig  # noqa: E402
+from pipeline.config import BuildConfig, ResolvedBuild, resolve  # noqa: E402
 from pipeline.llm import redact_secrets  # noqa: E402
-from pipeline.sources import input_hashes  # noqa: E402
 from pipeline.work import WorkDir  # noqa: E402
 
-# Stages that can take long enough to watch in the UI (LLM calls, image models, edits).
-LONG_STAGES = {"annotate", "images", "validate"}
+POLL_S = 1.0  # how often the bars read the chunk markers while chunks run
 
 
 class ShardRunError(RuntimeError):
-    """A validation shard's flow run did not complete."""
+    """A shard's flow run did not complete."""
 
 
-def _run_stage(
-    name: str,
-    fn: Any,
-    args: list[tuple],
-    progress: Progress,
-    parallel: bool,
-    artifacts: tasks.ArtifactSender,
-) -> list[dict]:
-    """Run one stage over all chunks (in threads when `parallel`), with a console bar and,
-    for long stages, a progress artifact updated as chunks finish (sent in the background)."""
-    bar = progress.add_task(f"{name:<9}", total=len(args))
-    artifact = (
-        tasks.StageProgress(name, len(args), sender=artifacts) if name in LONG_STAGES else None
-    )
+class StageBars:
+    """The console bars (and, for long stages, Prefect progress artifacts) of a build's
+    stages, read from the chunk markers: they count work wherever it runs (threads, Dask
+    workers, shard runs on other machines)."""
 
-    def advance(done: int) -> None:
-        progress.update(bar, completed=done)
-        if artifact is not None:
-            artifact.update(done)
+    def __init__(
+        self, build: ResolvedBuild, progress: Progress, artifacts: tasks.ArtifactSender
+    ) -> None:
+        self.work, self.progress = WorkDir(build.out), progress
+        self.n_chunks = len(stages.chunk_ids(build))
+        self.bars: dict[str, TaskID] = {}
+        self.artifacts: dict[str, tasks.StageProgress] = {}
+        for stage in stages.STAGES:
+            done = self._done(stage.name)
+            self.bars[stage.name] = progress.add_task(
+                f"{stage.name:<9}", total=self.n_chunks, completed=done
+            )
+            if stage.long:
+                self.artifacts[stage.name] = tasks.StageProgress(
+                    stage.name, self.n_chunks, done, sender=artifacts
+                )
 
-    if not parallel:
-        results = []
-        for a in args:
-            results.append(fn(*a))
-            advance(len(results))
-        return results
-    futures = [fn.submit(*a) for a in args]
-    for done, _ in enumerate(as_completed(futures), 1):
-        advance(done)
+    def _done(self, stage: str) -> int:
+        return sum(self.work.is_done(stage, i) for i in range(self.n_chunks))
+
+    def refresh(self, stage_names: Sequence[str]) -> None:
+        for name in stage_names:
+            done = self._done(name)
+            self.progress.update(self.bars[name], completed=done)
+            if name in self.artifacts:
+                self.artifacts[name].update(done)
+
+
+def _wait(futures: list, bars: StageBars, stage_names: Sequence[str]) -> list:
+    """The futures' results, refreshing the bars while they run."""
+    pending = list(futures)
+    while pending:
+        _, not_done = wait(pending, timeout=POLL_S)
+        pending = list(not_done)
+        bars.refresh(stage_names)
     return [f.result() for f in futures]
-
-
-@contextlib.contextmanager
-def _timed(seconds: dict[str, float], stage: str) -> Any:
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        seconds[stage] = round(time.perf_counter() - start, 3)
 
 
 def _apply_overrides(config: BuildConfig | None, overrides: dict[str, Any]) -> BuildConfig:
@@ -130,10 +131,11 @@ def build_okedit(
     cfg = _apply_overrides(config, overrides)
     if root is not None:
         return _build_version(cfg, root)
+    build = resolve(cfg)  # every setting resolved once: what each stage is handed
     work = WorkDir(cfg.out)
-    resumed = work.claim(cfg.fingerprint(), cfg.describe(), input_hashes(cfg.source))
+    resumed = work.claim(build.fingerprint, build.described, build.inputs)
     with work.lock(), _own_sigterm():
-        return _build(cfg, resumed)
+        return _build(build, resumed)
 
 
 DEFAULT_ROOT = "okedit-builds"
@@ -163,15 +165,18 @@ def _build_version(cfg: BuildConfig, root: Path) -> dict:
     from pipeline import work as versions
 
     logger = get_run_logger()
-    fingerprint, inputs = cfg.fingerprint(), input_hashes(cfg.source)
+    fingerprint, inputs = resolve(cfg).fingerprint, resolve(cfg).inputs
     version = versions.version_id(fingerprint, inputs)
     publish = cfg.publish
-    if publish.repo_id and not publish.revision:
+    # `main` follows the versions only when the config names no branch of its own
+    follow_main = bool(publish.repo_id and not publish.revision)
+    if follow_main:
         publish = publish.model_copy(update={"revision": versions.version_revision(version)})
     cfg = cfg.model_copy(update={"out": root / version, "publish": publish})
     hub = (publish.repo_id, publish.revision) if publish.repo_id else None
     work = WorkDir(cfg.out)
-    resumed = work.claim(fingerprint, cfg.describe(), inputs)
+    build = resolve(cfg)  # with its version folder as `out`
+    resumed = work.claim(fingerprint, build.described, inputs)
     with work.lock(), _own_sigterm():
         record = versions.read_version_record(cfg.out)
         why = versions.version_is_done(record, fingerprint, inputs, hub)
@@ -194,7 +199,7 @@ def _build_version(cfg: BuildConfig, root: Path) -> dict:
                 f"already {why}. Nothing was built or pushed again; `LATEST` = `{version}`.",
             )
             return summary
-        summary = _build(cfg, resumed)
+        summary = _build(build, resumed)
         pushed = None
         if summary.get("hub"):  # push_to_hub verified it, or the run failed before here
             pushed = {
@@ -202,6 +207,17 @@ def _build_version(cfg: BuildConfig, root: Path) -> dict:
                 "revision": publish.revision,
                 "commit_url": summary["hub"].get("commit_url"),
             }
+            if follow_main:  # a failure here fails the run; a re-run pushes and moves again
+                from pipeline.publish import move_main
+
+                main = move_main(
+                    cfg.out,
+                    publish.repo_id,
+                    publish.revision,
+                    commit_message=publish.commit_message,
+                )
+                summary["hub"]["main"] = pushed["main"] = main["commit_url"]
+                logger.info("main of %s = %s (verified)", publish.repo_id, publish.revision)
         plain = {k: v for k, v in summary.items() if k != "hub"}
         versions.write_version_record(cfg.out, version, fingerprint, inputs, plain, pushed)
         versions.set_latest(root, version)
@@ -218,16 +234,33 @@ SIGTERM_HANDLER: Any = None
 
 @contextlib.contextmanager
 def _own_sigterm() -> Any:
+    """SIGTERM during the flow's body: `okedit build`'s handler in that command's process;
+    in a deployment run (serve, workers) `flows.automations.GracefulStop`, which lets the
+    chunks in flight finish and schedules a run that resumes the build, and the run fails
+    with `BuildStopped` saying so (what `--watch` and the UI show); Prefect's handler in a
+    flow called from Python."""
     import signal
     import threading
 
-    handler = SIGTERM_HANDLER
-    if handler is None or threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals reach the main thread only
+        return
+    handler, stop = SIGTERM_HANDLER, None
+    if handler is None and runtime.deployment.id is not None:
+        from flows.automations import GracefulStop
+
+        stop = GracefulStop(runtime.flow_run.id, runtime.deployment.id, get_run_logger())
+        handler = stop.handle
+    if handler is None:
         yield
         return
     previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield
+    except stages.BuildStopped as exc:
+        if stop is None or not stop.signalled.is_set():
+            raise
+        raise stages.BuildStopped(stop.reason()) from exc
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -326,61 +359,75 @@ def _alive_child(pid: int) -> bool:
     return state != "Z"
 
 
-def _build(cfg: BuildConfig, resumed: bool) -> dict:
-    ids = stages.list_ids(cfg)
-    chunks = stages.chunked(ids, cfg.chunk_size)
+def stage_groups(build: ResolvedBuild) -> list[tuple[str, list[str]]]:
+    """The build's stages in runs of one placement, in order: `chunks` (one task per chunk
+    runs the run's stages, chunks in parallel), `serial` (validate: one model per process,
+    chunk after chunk; the edits use all cores) or `shards` (flow runs on a GPU work pool,
+    `BuildConfig.scale`)."""
+    scale = build.config.scale
+    groups: list[tuple[str, list[str]]] = []
+    for stage in stages.STAGES:
+        if scale.validate_deployment and stage.name in scale.shard_stages:
+            placement = "shards"
+        else:
+            placement = "serial" if stage.name == "validate" else "chunks"
+        if groups and groups[-1][0] == placement and placement == "chunks":
+            groups[-1][1].append(stage.name)
+        else:
+            groups.append((placement, [stage.name]))
+    return groups
+
+
+def _build(build: ResolvedBuild, resumed: bool) -> dict:
+    n_chunks = len(stages.chunk_ids(build))
     logger = get_run_logger()
-    logger.info("%d items in %d chunks%s", len(ids), len(chunks), " (resuming)" if resumed else "")
-    config_json, build = cfg.model_dump_json(), tasks.build_token(cfg.out)
-
-    def indexed(stage: str) -> list[tuple]:  # read when the stage starts: see chunk_revision
-        return [
-            (config_json, build, i, tasks.chunk_revision(cfg.out, stage, i))
-            for i in range(len(chunks))
-        ]
-
+    n_items = sum(len(c) for c in stages.chunk_ids(build))
+    logger.info("%d items in %d chunks%s", n_items, n_chunks, " (resuming)" if resumed else "")
+    reports: list[dict[str, dict]] = []  # per chunk task: {stage: counts, start, end}
+    shards: list[dict] = []
     # Artifact calls leave the flow's thread; leaving this block waits for the last one.
     with tasks.ArtifactSender() as artifacts:
-        # bars move when chunks finish: 2 redraws a second, not rich's 10 (each costs CPU)
+        # 2 redraws a second, not rich's 10 (each costs CPU)
         with Progress(refresh_per_second=2) as progress:
-            seconds: dict[str, float] = {}  # wall time of each stage in this run (plan vs actual)
-            gather_args = [(config_json, build, i, c) for i, c in enumerate(chunks)]
-            with _timed(seconds, "gather"):
-                _run_stage("gather", tasks.gather, gather_args, progress, True, artifacts)
-            for name in ("annotate", "images", "assemble"):
-                with _timed(seconds, name):
-                    task_ = tasks.CHUNK_TASKS[name]
-                    _run_stage(name, task_, indexed(name), progress, True, artifacts)
-            with _timed(seconds, "validate"):
-                if cfg.scale.validate_deployment and cfg.validation.enabled:
-                    shards = _validate_sharded(cfg, len(chunks), progress, artifacts)
+            bars = StageBars(build, progress, artifacts)
+            for placement, names in stage_groups(build):
+                if placement == "shards":
+                    started = time.time()
+                    for name in names:
+                        shards += _run_sharded(build, name, bars)
+                    reports.append({n: {"start": started, "end": time.time()} for n in names})
+                elif placement == "serial":
+                    for index in range(n_chunks):
+                        reports.append(tasks.run_stages(build, names, index))
+                        bars.refresh(names)
                 else:
-                    # one model per process; the edits themselves use all cores
-                    validate_args = indexed("validate")
-                    _run_stage(
-                        "validate", tasks.validate, validate_args, progress, False, artifacts
-                    )
-                    shards = []
-        summary = tasks.publish_local(config_json, len(chunks), len(ids), seconds)
-        if cfg.publish.repo_id:
-            summary["hub"] = tasks.publish_hub(config_json)
+                    futures = [tasks.run_stages.submit(build, names, i) for i in range(n_chunks)]
+                    reports += _wait(futures, bars, names)
+        summary = tasks.publish_local(build, stages.stage_seconds(reports))
+        if build.config.publish.repo_id:
+            summary["hub"] = tasks.publish_hub(build)
         if shards:
             summary["shards"] = shards
         _report(summary, artifacts)
     return summary
 
 
-# ---- scale-out: validation shards as flow runs on a work pool --------------------------
+# ---- scale-out: stages as shard flow runs on a work pool --------------------------------
 
 
-@task(name="validate-shard", task_run_name="validate-shard-{shard}", cache_policy=NO_CACHE)
+@task(name="shard", task_run_name="{stage}-shard-{shard}", cache_policy=NO_CACHE)
 def run_shard(
-    deployment: str, config: dict, shard: int, chunks: list[int], timeout_s: float | None
+    deployment: str,
+    build: dict,
+    stage: str,
+    shard: int,
+    chunks: list[int],
+    timeout_s: float | None,
 ) -> dict:
     """Start one shard's flow run on the work pool and wait for it to end."""
     run = run_deployment(
         deployment,
-        parameters={"config": config, "chunks": chunks, "shard": shard},
+        parameters={"build": build, "stage": stage, "chunks": chunks, "shard": shard},
         timeout=timeout_s,
         poll_interval=2,
         tags=["okedit", "okedit-shard"],
@@ -388,56 +435,46 @@ def run_shard(
     if run.state is None or not run.state.is_completed():
         state = run.state.name if run.state else "unknown"
         raise ShardRunError(
-            f"validation shard {shard} (flow run {run.name}) is {state}, not Completed; "
+            f"{stage} shard {shard} (flow run {run.name}) is {state}, not Completed; "
             "re-run the build to resume: finished chunks are kept"
         )
-    return {"shard": shard, "flow_run_id": str(run.id), "flow_run": run.name}
+    return {"stage": stage, "shard": shard, "flow_run_id": str(run.id), "flow_run": run.name}
 
 
 def shard_plan(todo: list[int], shards: int) -> list[list[int]]:
-    """Round-robin the chunks still to validate over at most `shards` shards."""
+    """Round-robin the chunks still to run over at most `shards` shards."""
     plan = [todo[s::shards] for s in range(shards)]
     return [p for p in plan if p]
 
 
-def _validate_sharded(
-    cfg: BuildConfig, n_chunks: int, progress: Progress, artifacts: tasks.ArtifactSender
-) -> list[dict]:
-    """Validate through shard flow runs; returns their reports. The parent keeps the folder
-    lock; shards write chunk markers into the shared folder, which is what it waits for."""
-    todo = stages.missing_chunks(cfg, "validate", n_chunks)
-    bar = progress.add_task(f"{'validate':<9}", total=n_chunks, completed=n_chunks - len(todo))
-    artifact = tasks.StageProgress("validate", n_chunks, n_chunks - len(todo), sender=artifacts)
-    plan = shard_plan(todo, cfg.scale.shards)
-    # workers elsewhere must see the same absolute paths
+def _run_sharded(build: ResolvedBuild, stage: str, bars: StageBars) -> list[dict]:
+    """Run `stage` through shard flow runs; returns their reports. The parent keeps the
+    folder lock; shards write chunk markers into the shared folder, which is what it
+    waits for."""
+    scale = build.config.scale
+    todo = stages.missing_chunks(build, stage)
+    # workers elsewhere must see the same absolute paths; shards ask no LLM (no keys)
+    cfg = build.config
     shared = cfg.model_copy(update={"out": cfg.out.resolve(), "cache_dir": cfg.cache_dir.resolve()})
-    params = redact_secrets(shared.model_dump(mode="json"))  # shards ask no LLM
+    params = redact_secrets(build.model_copy(update={"config": shared}).model_dump(mode="json"))
     futures = [
-        run_shard.submit(
-            cfg.scale.validate_deployment, params, s, chunks, cfg.scale.shard_timeout_s
-        )
-        for s, chunks in enumerate(plan)
+        run_shard.submit(scale.validate_deployment, params, stage, s, chunks, scale.shard_timeout_s)
+        for s, chunks in enumerate(shard_plan(todo, scale.shards))
     ]
     pending = list(futures)
     while pending:
-        _, not_done = wait(pending, timeout=cfg.scale.poll_s)
+        _, not_done = wait(pending, timeout=scale.poll_s)
         pending = list(not_done)
-        done = n_chunks - len(stages.missing_chunks(cfg, "validate", n_chunks))
-        _advance(progress, bar, artifact, done)
+        bars.refresh([stage])
     runs = [f.result() for f in futures]  # raises ShardRunError for a failed shard
-    missing = stages.missing_chunks(cfg, "validate", n_chunks)
+    missing = stages.missing_chunks(build, stage)
     if missing:
-        raise ShardRunError(f"shard runs finished but chunks {missing} have no validate marker")
-    return [_shard_report(cfg, run) for run in runs]
+        raise ShardRunError(f"shard runs finished but {stage} chunks {missing} have no marker")
+    return [_shard_report(shared.out, run) for run in runs]
 
 
-def _advance(progress: Progress, bar: TaskID, artifact: tasks.StageProgress, done: int) -> None:
-    progress.update(bar, completed=done)
-    artifact.update(done)
-
-
-def _shard_report(cfg: BuildConfig, run: dict) -> dict:
-    path = report_path(cfg.out, run["shard"])
+def _shard_report(out: Path, run: dict) -> dict:
+    path = report_path(out, run["stage"], run["shard"])
     report = json.loads(path.read_text()) if path.exists() else {}
     if report.get("flow_run_id") != run["flow_run_id"]:
         report = {}  # a report of an earlier run; this run's shard left none

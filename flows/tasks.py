@@ -1,12 +1,11 @@
-"""Prefect tasks over the chunk stages of `pipeline.stages`, shared by the build flow and the
-validation shard flow.
+"""Prefect tasks over `pipeline.stages`, shared by the build flow and the shard flow.
 
-Task inputs are small and hashable: the config as JSON, the output folder's build token, a
-chunk index, item ids. `INPUTS + TASK_SOURCE` then keys a chunk's result (a dict of counts)
-across flow runs, so a resumed run shows finished chunks as Cached instead of re-entering
-them. Records and images stay in the output folder (`pipeline.work`), never in Prefect
-results. Retries happen only for errors that a second try can cure (network, timeouts,
-flaky shared storage); a bad setting or a bug fails at once.
+One task runs stages of one chunk (`run_stages`), another publishes. Task inputs are the
+build's resolved settings, stage names and a chunk index; records and images stay in the
+output folder (`pipeline.work`), never in Prefect results. Resuming is the chunk markers'
+job alone: a re-run's task finds its chunk finished and returns its counts, so no Prefect
+result cache is kept. Retries happen only for errors that a second try can cure (network,
+timeouts, flaky shared storage); a bad setting or a bug fails at once.
 """
 
 from __future__ import annotations
@@ -15,23 +14,17 @@ import contextvars
 import json
 import threading
 import time
-import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import runtime, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
+from prefect.cache_policies import NO_CACHE
 
 from pipeline import stages
-from pipeline.config import BuildConfig
-from pipeline.work import WorkDir
-
-# Not the default policy: it adds RUN_ID, which never hits across runs (design §10).
-CHUNK_CACHE = INPUTS + TASK_SOURCE
+from pipeline.config import ResolvedBuild
 
 # OSErrors that say "this will fail the same way again".
 PERMANENT_OS_ERRORS = (
@@ -73,8 +66,8 @@ def chunk_task(name: str, **options: Any) -> Callable[[Callable], Any]:
     settings: dict[str, Any] = {
         "name": name,
         "task_run_name": f"{name}-{{index}}",
-        "cache_policy": CHUNK_CACHE,
-        "persist_result": True,  # a small dict of counts: the cache entry, nothing more
+        "cache_policy": NO_CACHE,  # the chunk markers resume a build
+        "persist_result": False,
         "retries": 2,
         "retry_delay_seconds": [5, 30],
         "retry_condition_fn": retry_transient,
@@ -82,70 +75,25 @@ def chunk_task(name: str, **options: Any) -> Callable[[Callable], Any]:
     return task(**{**settings, **options})
 
 
-@lru_cache(maxsize=8)
-def config_of(config_json: str) -> BuildConfig:
-    return BuildConfig.model_validate_json(config_json)
+def run_name(stage_names: Sequence[str], index: int) -> str:
+    """`images-3` for one stage, `gather..assemble-3` for several."""
+    first, last = stage_names[0], stage_names[-1]
+    return f"{first}-{index}" if first == last else f"{first}..{last}-{index}"
 
 
-def build_token(out: Path) -> str:
-    """Identity of the build held in `out`: a folder deleted and built again gets a new one,
-    so a cache entry can never claim chunks that the new folder lacks."""
-    stat = (Path(out) / ".okedit" / "build.json").stat()
-    return f"{stat.st_ino}-{stat.st_mtime_ns}"
+def _task_run_name() -> str:
+    parameters = runtime.task_run.parameters
+    return run_name(parameters["stage_names"], parameters["index"])
 
 
-def chunk_revision(out: Path, stage: str, index: int) -> str:
-    """The state of a chunk's inputs that a task's cache key needs besides its arguments.
-
-    An annotate chunk with deferred items (transient LLM failures) is not final: its task
-    gets a key of its own each run, so the stage retries those items. When that rewrites
-    the chunk, the later stages' key (the annotate marker's identity) changes with it, and
-    they run again for the chunk (their markers were removed by the rewrite)."""
-    work = WorkDir(out)
-    if stage == "annotate":
-        pending = work.is_done("annotate", index) and not work.is_final("annotate", index)
-        return f"retry-{uuid.uuid4().hex}" if pending else ""
-    return work.marker_token("annotate", index)
+@chunk_task("chunk", task_run_name=_task_run_name)
+def run_stages(build: ResolvedBuild, stage_names: list[str], index: int) -> dict[str, dict]:
+    return stages.run_chunk_stages(build, stage_names, index)
 
 
-# `build` and `revision` are unused in the bodies on purpose: they are part of each cache key
-# (see build_token, chunk_revision).
-
-
-@chunk_task("gather")
-def gather(config_json: str, build: str, index: int, ids: list[str]) -> dict[str, int]:
-    return stages.gather_chunk(config_of(config_json), index, ids)
-
-
-@chunk_task("annotate")
-def annotate(config_json: str, build: str, index: int, revision: str = "") -> dict[str, int]:
-    return stages.annotate_chunk(config_of(config_json), index)
-
-
-@chunk_task("images")
-def images(config_json: str, build: str, index: int, revision: str = "") -> dict[str, int]:
-    return stages.images_chunk(config_of(config_json), index)
-
-
-@chunk_task("assemble")
-def assemble(config_json: str, build: str, index: int, revision: str = "") -> dict[str, int]:
-    return stages.assemble_chunk(config_of(config_json), index)
-
-
-@chunk_task("validate")
-def validate(config_json: str, build: str, index: int, revision: str = "") -> dict[str, int]:
-    return stages.validate_chunk(config_of(config_json), index)
-
-
-CHUNK_TASKS = {"annotate": annotate, "images": images, "assemble": assemble, "validate": validate}
-
-
-# Publishing always runs: it rewrites the folder from the chunks, so it is never cached.
 @task(name="publish-local", cache_policy=NO_CACHE, persist_result=False)
-def publish_local(
-    config_json: str, n_chunks: int, n_in: int, stage_seconds: dict[str, float] | None = None
-) -> dict:
-    return stages.finalize(config_of(config_json), n_chunks, n_in, stage_seconds)
+def publish_local(build: ResolvedBuild, stage_seconds: dict[str, float] | None = None) -> dict:
+    return stages.finalize(build, stage_seconds)
 
 
 def retry_hub_transient(task_: Any, task_run: Any, state: Any) -> bool:
@@ -168,8 +116,8 @@ def retry_hub_transient(task_: Any, task_run: Any, state: Any) -> bool:
     retry_delay_seconds=[10, 30, 60],
     retry_condition_fn=retry_hub_transient,
 )
-def publish_hub(config_json: str) -> dict | None:
-    return stages.publish_hub(config_of(config_json))
+def publish_hub(build: ResolvedBuild) -> dict | None:
+    return stages.publish_hub(build)
 
 
 class ArtifactSender:

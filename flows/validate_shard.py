@@ -1,10 +1,11 @@
-"""The `validate-okedit-shard` flow: BalancEdit validation of some chunks of a build, run as
-its own flow run on a GPU worker (docs/scaling.md).
+"""The `validate-okedit-shard` flow: one stage (validate, or images) for some chunks of a
+build, run as its own flow run on a GPU worker (docs/scaling.md).
 
 The parent `build-okedit` run starts one run per shard with `run_deployment`, waits for
-them, and publishes from the chunk markers they leave in the shared output folder. A shard
-never claims or locks the folder (the parent holds the lock for the whole build); it only
-checks that the folder holds the build it was given.
+them, and goes on from the chunk markers they leave in the shared output folder. A shard
+gets the build's resolved settings (`pipeline.config.ResolvedBuild`), never claims or locks
+the folder (the parent holds the lock for the whole build), and only checks that the
+folder holds the build it was given.
 
 Deploy it once per work pool (one worker per GPU):
 
@@ -28,8 +29,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from prefect import flow, get_run_logger, runtime  # noqa: E402
 
-from flows.tasks import StageProgress, build_token, validate  # noqa: E402
-from pipeline.config import BuildConfig  # noqa: E402
+from flows.tasks import StageProgress, run_stages  # noqa: E402
+from pipeline.config import ResolvedBuild  # noqa: E402
+from pipeline.stages import STAGES  # noqa: E402
 from pipeline.work import WorkDir  # noqa: E402
 
 FLOW_NAME = "validate-okedit-shard"
@@ -41,38 +43,43 @@ class ShardInputError(RuntimeError):
     """The shard cannot see the parent's build (wrong or unshared output folder)."""
 
 
-def report_path(out: Path, shard: int) -> Path:
-    return Path(out) / ".okedit" / "shards" / f"shard-{shard:03d}.json"
+def report_path(out: Path, stage: str, shard: int) -> Path:
+    return Path(out) / ".okedit" / "shards" / f"{stage}-{shard:03d}.json"
 
 
-def _check_inputs(cfg: BuildConfig, chunks: list[int]) -> None:
-    work = WorkDir(cfg.out)
+def _check_inputs(build: ResolvedBuild, stage: str, chunks: list[int]) -> None:
+    work = WorkDir(build.out)
     held = work.root / "build.json"
-    if not held.exists() or not work.check(cfg.fingerprint()):
+    if not held.exists() or not work.check(build.fingerprint):
         raise ShardInputError(
-            f"{cfg.out} holds no okedit build on {socket.gethostname()}; shard workers need "
+            f"{build.out} holds no okedit build on {socket.gethostname()}; shard workers need "
             "the parent's output folder at the same path (shared storage)"
         )
-    missing = [i for i in chunks if not work.is_done("assemble", i)]
+    names = [s.name for s in STAGES]
+    if stage not in names or stage == names[0]:
+        raise ShardInputError(f"a shard runs one of {names[1:]}, not {stage!r}")
+    before = names[names.index(stage) - 1]
+    missing = [i for i in chunks if not work.is_done(before, i)]
     if missing:
-        raise ShardInputError(f"assembled chunks {missing} are missing in {cfg.out}")
+        raise ShardInputError(f"{before} chunks {missing} are missing in {build.out}")
 
 
 @flow(name=FLOW_NAME, persist_result=False)
-def validate_okedit_shard(config: BuildConfig, chunks: list[int], shard: int = 0) -> dict:
-    """Validate `chunks` of the build in `config.out`, one after another on this worker's
-    model (one load per process), and leave a report beside the chunk markers."""
+def validate_okedit_shard(
+    build: ResolvedBuild, chunks: list[int], shard: int = 0, stage: str = "validate"
+) -> dict:
+    """Run `stage` for `chunks` of the build in `build.config.out`, one after another on
+    this worker's model (one load per process), and leave a report beside the markers."""
     start = time.perf_counter()
-    _check_inputs(config, chunks)
-    config.validation.model_settings()  # a missing model fails before any chunk
-    config_json, token = config.model_dump_json(), build_token(config.out)
-    progress = StageProgress(f"validate-shard-{shard}", len(chunks))
+    _check_inputs(build, stage, chunks)
+    progress = StageProgress(f"{stage}-shard-{shard}", len(chunks))
     counts = {"ok": 0, "rejected": 0}
     for done, index in enumerate(chunks, 1):
-        result = validate(config_json, token, index)
+        result = run_stages(build, [stage], index)[stage]["counts"]
         counts = {k: counts[k] + result[k] for k in counts}
         progress.update(done)
     report = {
+        "stage": stage,
         "shard": shard,
         "chunks": chunks,
         "flow_run_id": runtime.flow_run.id,
@@ -82,13 +89,13 @@ def validate_okedit_shard(config: BuildConfig, chunks: list[int], shard: int = 0
         "seconds": round(time.perf_counter() - start, 2),
         **counts,
     }
-    path = report_path(config.out, shard)
+    path = report_path(build.out, stage, shard)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(report, indent=2))
     os.replace(tmp, path)
     get_run_logger().info(
-        "shard %d: %d chunks validated in %.1f s", shard, len(chunks), report["seconds"]
+        "%s shard %d: %d chunks in %.1f s", stage, shard, len(chunks), report["seconds"]
     )
     return report
 

@@ -6,6 +6,7 @@ print one line and exit with status 2; they never show a traceback.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import shlex
@@ -61,10 +62,12 @@ def _check_writable(out: Path) -> None:
 
 
 def _run_build(cfg_kwargs: dict, plan_only: bool = False) -> dict:
-    from pipeline.config import BuildConfig
-    from pipeline.stages import ConfigError
+    from pipeline.config import BuildConfig, resolve
+    from pipeline.llm import LLMFatalError
+    from pipeline.stages import ConfigError, preflight
     from pipeline.work import BuildExistsError, WorkDir
 
+    user_errors = (BuildExistsError, ConfigError, FileNotFoundError, PermissionError, LLMFatalError)
     try:
         cfg = BuildConfig.model_validate(cfg_kwargs)
     except ValidationError as exc:
@@ -73,18 +76,10 @@ def _run_build(cfg_kwargs: dict, plan_only: bool = False) -> dict:
         _print_plan(cfg)
         raise typer.Exit(0)
     _check_writable(cfg.out)
-    from pipeline.sources import input_hashes
-
     try:
-        WorkDir(cfg.out).check(cfg.fingerprint(), input_hashes(cfg.source))
-    except BuildExistsError as exc:
-        _fail(str(exc))
-    from pipeline.llm import LLMFatalError
-    from pipeline.stages import preflight
-
-    user_errors = (BuildExistsError, ConfigError, FileNotFoundError, PermissionError, LLMFatalError)
-    try:
-        preflight(cfg)
+        build = resolve(cfg)  # the model, editor and identity, once: a bad --model fails here
+        WorkDir(cfg.out).check(build.fingerprint, build.inputs)
+        preflight(build)
     except (*user_errors, ValueError) as exc:  # settings the sources or backends refuse
         _fail(_friendly(exc))
     from flows.build_okedit import run_build
@@ -367,6 +362,30 @@ def build(
             '"source": "nq" marks NQ) for EasyEdit\'s loc; default: the LLM writes one',
         ),
     ] = None,
+    n_rephrases: Annotated[
+        int, typer.Option(min=1, help="LLM annotator: evaluation rephrases per item")
+    ] = 10,
+    n_text_negatives: Annotated[
+        int, typer.Option(min=0, help="LLM annotator: near-miss questions per item")
+    ] = 3,
+    n_votes: Annotated[
+        int, typer.Option(min=1, help="LLM annotator: votes on the counterfactual type")
+    ] = 3,
+    prompts_dir: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="LLM annotator: prompt templates to use instead of the shipped ones"),
+    ] = None,
+    validate_batch: Annotated[
+        int,
+        typer.Option(min=1, help="items edited and probed together (same results; GPU: 16+)"),
+    ] = 1,
+    config: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(
+            help="a YAML or JSON file of build settings (BuildConfig fields, docs/usage.md); "
+            "options that differ from their defaults override it"
+        ),
+    ] = None,
     plan: Annotated[
         bool,
         typer.Option(
@@ -375,17 +394,72 @@ def build(
     ] = False,
 ) -> None:
     """Build OKEDIT: gather, annotate, images, QC, BalancEdit validation, local publish."""
+    if limit is not None and limit < 1:
+        _fail(f"--limit must be a positive number of items, got {limit}")
+    options = {k: v for k, v in locals().items() if k not in ("config", "plan")}
+    settings = build_settings(**options)
+    if config is not None:  # the file, with what the command line changes on top
+        defaults = {
+            name: param.default
+            for name, param in inspect.signature(build).parameters.items()
+            if name in options
+        }
+        settings = merged(read_config_file(config), changed(settings, build_settings(**defaults)))
+    _run_build(settings, plan_only=plan)
+
+
+def build_settings(
+    *,
+    source: str,
+    limit: int | None,
+    seed: int,
+    out: Path,
+    split: str,
+    chunk_size: int,
+    annotator: str,
+    llm_base_url: str | None,
+    llm_model: str,
+    llm_budget_usd: float | None,
+    llm_concurrency: int | None,
+    llm_rpm: float | None,
+    validate: bool,
+    model: str | None,
+    device: str,
+    editor: str,
+    key_variant: str | None,
+    alpha: float | None,
+    generate: bool,
+    editor_preset: str,
+    item_filter: str,
+    filter_scope: bool,
+    repo_id: str | None,
+    private: bool,
+    okvqa_questions: Path | None,
+    okvqa_annotations: Path | None,
+    coco_dir: Path | None,
+    okvqa_parquet: Path | None,
+    image_base_url: str | None,
+    image_backend: str,
+    image_pool: Path | None,
+    image_model: str | None,
+    text_locality: Path | None,
+    n_rephrases: int,
+    n_text_negatives: int,
+    n_votes: int,
+    prompts_dir: Path | None,
+    validate_batch: int,
+) -> dict:
+    """`BuildConfig` fields from `okedit build`'s options (checked when the config is built)."""
     validation: dict = {
         "enabled": validate,
         "device": device,
         "filter": filter_mode(item_filter, filter_scope),
         "editor": editor_overrides(editor, key_variant, alpha, generate),
         "editor_preset": editor_preset,
+        "batch_items": validate_batch,
     }
     if model:
         validation["model"] = model
-    if limit is not None and limit < 1:
-        _fail(f"--limit must be a positive number of items, got {limit}")
     source_files = {
         "questions_file": okvqa_questions,
         "annotations_file": okvqa_annotations,
@@ -395,31 +469,71 @@ def build(
     }
     images = {"backend": image_backend, "pool_dir": image_pool, "model": image_model}
     llm_limits = {"budget_usd": llm_budget_usd, "requests_per_minute": llm_rpm}
-    _run_build(
-        {
-            "source": {
-                "name": source,
-                "split": split,
-                **{k: v for k, v in source_files.items() if v is not None},
-            },
-            "images": {k: v for k, v in images.items() if v is not None},
-            "limit": limit,
-            "seed": seed,
-            "out": out,
-            "chunk_size": chunk_size,
-            "annotator": {
-                "kind": annotator,
-                "llm_base_url": llm_base_url,
-                "llm_model": llm_model,
-                **({"concurrency": llm_concurrency} if llm_concurrency else {}),
-                "llm": {k: v for k, v in llm_limits.items() if v is not None},
-                **({"text_locality_file": text_locality} if text_locality else {}),
-            },
-            "validation": validation,
-            "publish": {"repo_id": repo_id, "private": private},
+    return {
+        "source": {
+            "name": source,
+            "split": split,
+            **{k: v for k, v in source_files.items() if v is not None},
         },
-        plan_only=plan,
-    )
+        "images": {k: v for k, v in images.items() if v is not None},
+        "limit": limit,
+        "seed": seed,
+        "out": out,
+        "chunk_size": chunk_size,
+        "annotator": {
+            "kind": annotator,
+            "llm_base_url": llm_base_url,
+            "llm_model": llm_model,
+            **({"concurrency": llm_concurrency} if llm_concurrency else {}),
+            "llm": {k: v for k, v in llm_limits.items() if v is not None},
+            **({"text_locality_file": text_locality} if text_locality else {}),
+            "n_rephrases": n_rephrases,
+            "n_text_negatives": n_text_negatives,
+            "n_votes": n_votes,
+            **({"prompts_dir": prompts_dir} if prompts_dir else {}),
+        },
+        "validation": validation,
+        "publish": {"repo_id": repo_id, "private": private},
+    }
+
+
+def read_config_file(path: Path) -> dict:
+    """A build config file: YAML or JSON with `BuildConfig` fields (docs/usage.md)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        _fail(f"cannot read --config {path}: {exc.strerror or exc}")
+    except yaml.YAMLError as exc:
+        _fail(f"--config {path} is not YAML or JSON: {str(exc).splitlines()[0]}")
+    if not isinstance(data, dict):
+        _fail(f"--config {path} must hold a mapping of build settings, not {type(data).__name__}")
+    return data
+
+
+def changed(given: dict, defaults: dict) -> dict:
+    """The settings of `given` that differ from `defaults` (nested)."""
+    out = {}
+    for key, value in given.items():
+        default = defaults.get(key)
+        if isinstance(value, dict) and isinstance(default, dict):
+            inner = changed(value, default)
+            if inner:
+                out[key] = inner
+        elif value != default:
+            out[key] = value
+    return out
+
+
+def merged(base: dict, top: dict) -> dict:
+    """`base` with `top`'s settings on top (nested)."""
+    out = dict(base)
+    for key, value in top.items():
+        below = out.get(key)
+        both = isinstance(value, dict) and isinstance(below, dict)
+        out[key] = merged(below, value) if both else value
+    return out
 
 
 @app.command()
@@ -494,19 +608,37 @@ def publish(
 def serve(
     cron: Annotated[Optional[str], typer.Option(help="schedule, e.g. '0 3 * * 1'")] = None,  # noqa: UP045
     interval_s: Annotated[Optional[int], typer.Option(help="or: every N seconds")] = None,  # noqa: UP045
+    no_schedule: Annotated[bool, typer.Option(help="manual runs only")] = False,
     limit: Annotated[Optional[int], typer.Option(help="default --limit of runs")] = None,  # noqa: UP045
-    out: Annotated[Optional[str], typer.Option(help="default output folder of runs")] = None,  # noqa: UP045
+    out_root: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="root of versions of runs (default $OKEDIT_HOME/okedit-builds)"),
+    ] = None,
+    out: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="or: one output folder of runs (resumes; other builds refused)"),
+    ] = None,
     repo_id: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(help="push each run's dataset to this Hub repo (HF_TOKEN)"),
+    ] = None,
+    crash_after_s: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(help="a run without heartbeat this long is marked Crashed (default 180)"),
     ] = None,
 ) -> None:
     """Serve the build-okedit deployment (needs PREFECT_API_URL of a running server)."""
     from flows.serve import serve as serve_deployment
 
-    defaults = {"limit": limit, "out": out, "repo_id": repo_id}
+    defaults = {"limit": limit, "out_root": out_root, "out": out, "repo_id": repo_id}
     parameters = {k: v for k, v in defaults.items() if v is not None}
-    serve_deployment(cron=cron, interval_s=interval_s, parameters=parameters)
+    serve_deployment(
+        cron=cron,
+        interval_s=interval_s,
+        parameters=parameters,
+        no_schedule=no_schedule,
+        crash_after_s=crash_after_s,
+    )
 
 
 @tiny_app.command("train")

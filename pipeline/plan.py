@@ -257,9 +257,9 @@ def source_size(cfg: BuildConfig, calibration: dict[str, Any] | None = None) -> 
     """Items the build will take: `limit`, else the split's size (None: unknown)."""
     table = calibration or load_calibration()
     if cfg.source.name == "flagworld":
-        from pipeline.stages import list_ids
+        from pipeline.sources import get_source
 
-        total = len(list_ids(cfg.model_copy(update={"limit": None})))
+        total = len(get_source(cfg.source, cache_dir=cfg.cache_dir).list_ids(None, cfg.seed))
     else:
         split = cfg.source.split if cfg.source.split.endswith("2014") else f"{cfg.source.split}2014"
         total = _entry(table, "sources", "okvqa", split)
@@ -361,13 +361,10 @@ def _annotate(
         step = _per_item_stage("annotate", "annotate_offline", cfg, n, table)
         step.notes.append("offline annotator: no LLM request")
         return step
-    from types import SimpleNamespace
+    from pipeline.annotate import settings_config
 
-    from pipeline.annotate import annotator_config
-
-    # the build's settings without its fingerprint: no request account is needed to count
-    settings = SimpleNamespace(annotator=cfg.annotator, cache_dir=cfg.cache_dir)
-    config = annotator or annotator_config(settings)
+    # no request account: counting sends nothing
+    config = annotator or settings_config(cfg.annotator, cache_dir=cfg.cache_dir)
     per_item = llm_requests_per_item(config)
     tokens = tokens_per_request(config, table)
     by_template = {t: c * n for t, c in per_item.items()}
@@ -701,33 +698,28 @@ def measure_cpu(n_items: int = 40, out: Path | None = None) -> dict[str, Any]:
     from sklearn.datasets import load_sample_images
 
     from pipeline import stages
-    from pipeline.config import BuildConfig
+    from pipeline.config import BuildConfig, resolve
     from pipeline.image_backends.checks import ImageChecker, fingerprint
     from pipeline.image_backends.diffusion import _png
 
     half = max(1, n_items // 2)
     root = Path(out or tempfile.mkdtemp(prefix="okedit-measure-"))
     cfg = BuildConfig(limit=2 * half, chunk_size=half, out=root / "b", cache_dir=root / "c")
-    chunks = stages.chunked(stages.list_ids(cfg), half)
-    steps = {
-        "gather": lambda i: stages.gather_chunk(cfg, i, chunks[i]),
-        "annotate_offline": lambda i: stages.annotate_chunk(cfg, i),
-        "images": lambda i: stages.images_chunk(cfg, i),
-        "assemble": lambda i: stages.assemble_chunk(cfg, i),
-        "validate": lambda i: stages.validate_chunk(cfg, i),
-    }
+    build = resolve(cfg)
+    names = {"annotate": "annotate_offline"}  # the calibration's name of a stage
     per_item: dict[str, float] = {}
     fixed: dict[str, float] = {}
-    for name, step in steps.items():
+    for stage in stages.STAGE_NAMES:
+        name = names.get(stage, stage)
         seconds = []
         for index in (0, 1):
             start = time.perf_counter()
-            step(index)
+            stages.run_chunk(build, stage, index)
             seconds.append(time.perf_counter() - start)
         per_item[name] = seconds[1] / half
         fixed[name] = max(0.0, seconds[0] - seconds[1])
     start = time.perf_counter()
-    stages.finalize(cfg, 2, 2 * half)
+    stages.finalize(build)
     publish = time.perf_counter() - start
     n_images = half * images_per_item(cfg)
     result: dict[str, Any] = {

@@ -10,7 +10,7 @@ from collections import Counter
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from datasets.utils import logging as datasets_logging
 
@@ -18,9 +18,6 @@ from pipeline.card import plot_scope, render_card, write_checks
 from schemas.easyedit import export_easyedit
 from schemas.features import records_to_dataset
 from schemas.record import OkeditRecord, Rejection
-
-if TYPE_CHECKING:
-    from pipeline.config import ValidateSettings
 
 CHECKS_FILE = "checks.parquet"  # one row per item: check and editor outcome (linked by the card)
 SHARD_SIZE = 500  # records per parquet file; keeps files well under the Hub's 5 GB limit
@@ -72,25 +69,9 @@ def token_totals(manifest: dict) -> dict[str, int]:
     return {"prompt": llm.get("prompt_tokens", 0), "completion": llm.get("completion_tokens", 0)}
 
 
-def resolved_validation(settings: ValidateSettings) -> dict | None:
-    """The validation settings a build or re-validation ran with, for `publish_local`: the
-    model, the editor settings as resolved (defaults and model preset included), the item
-    check's thresholds and filter; None when validation is off."""
-    if not settings.enabled:
-        return None
-    return {
-        "model": settings.model,
-        "editor": settings.editor_settings().model_dump(mode="json"),
-        "check": settings.check.model_dump(mode="json"),
-        "filter": settings.filter,
-        "editor_preset": settings.editor_preset,
-        "differences_from_authors": settings.differences_from_authors(),
-    }
-
-
 def validation_summary(records: list[OkeditRecord], settings: dict | None) -> dict:
     """Editor verdicts and item-check statuses of the published records, next to the
-    settings the caller resolved once for the whole build (`resolved_validation`)."""
+    settings the caller resolved once for the whole build (`ResolvedValidation.summary`)."""
     validated = [r for r in records if r.validation.verdict != "not_run"]
     settings = settings or {}  # validation off: every setting below is None
     editor = settings.get("editor") or {}
@@ -192,7 +173,7 @@ def publish_local(
     """Write the dataset folder; returns the paths of what was written.
 
     `manifest` carries the config, counts and annotator; versions, token totals and the
-    validation summary (from `validation`, see `resolved_validation`) are added here. The
+    validation summary (from `validation`, see `ResolvedValidation.summary`) are added here. The
     parquet, EasyEdit export and plot are written from the same records into hidden staging
     folders first, so a failure there leaves the old folder as it was. Then the old manifest
     goes, the new folders are swapped in, and the manifest is written last and atomically:
@@ -422,7 +403,9 @@ def push_to_hub(
     api.upload_folder(
         folder_path=str(folder),
         allow_patterns=HUB_DATA_PATTERNS,
-        delete_patterns=["data/*.parquet"],  # stale shards of an earlier, larger build
+        # what an earlier build left (more shards, other images) and this one lacks: the
+        # branch holds this build only, as `main` will after `move_main`
+        delete_patterns=HUB_DATA_PATTERNS,
         commit_message=f"{commit_message} (data)",
         **common,
     )
@@ -466,3 +449,47 @@ def verify_push(
             f"{len(wrong)} files on the Hub differ from the local build ({shown})"
         )
     return {"files": len(local), "verified": len(local), "rows": _parquet_rows(folder)}
+
+
+MAIN = "main"
+
+
+def move_main(
+    folder: Path,
+    repo_id: str,
+    revision: str,
+    *,
+    commit_message: str = "Upload OKEDIT build",
+    api: HubApi | None = None,
+) -> dict[str, Any]:
+    """Point `main` at the build `push_to_hub` pushed to `revision` and verified, and at
+    nothing unverified.
+
+    The Hub has no call that moves a branch to another commit, so the same files are
+    committed to `main` once more, after `revision` was verified again against the local
+    folder (a `HubPublishError` there leaves `main` untouched): one commit, data and card
+    together, that also deletes what an earlier build left on `main` and this one lacks.
+    The Hub already holds the LFS content (parquet, images) from the first push, so only
+    the small regular files travel again. `main` is then verified like `revision`."""
+    folder = Path(folder)
+    if revision == MAIN:
+        raise ValueError("move_main: the build was pushed to main itself")
+    api = api or default_hub_api()
+    verify_push(folder, repo_id, revision=revision, api=api)
+    pushed = [*HUB_DATA_PATTERNS, "README.md"]
+    commit = api.upload_folder(
+        folder_path=str(folder),
+        repo_id=repo_id,
+        repo_type="dataset",
+        revision=MAIN,
+        allow_patterns=pushed,
+        delete_patterns=pushed,  # files of another build; those uploaded here are kept
+        commit_message=f"{commit_message} (main = {revision})",
+    )
+    verified = verify_push(folder, repo_id, revision=MAIN, api=api)
+    return {
+        "revision": MAIN,
+        "from_revision": revision,
+        "commit_url": getattr(commit, "commit_url", str(commit)),
+        **verified,
+    }

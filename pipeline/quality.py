@@ -3,11 +3,17 @@
 A record is kept only if `check_record` returns no reasons; otherwise it becomes a
 `Rejection` whose reason lists every violated rule, so a reader of `rejected.jsonl` can
 tell what to fix.
+
+The text rules (`repeats`, `rephrases_repeat_question`, `rephrase_sets_overlap`,
+`negative_repeats`) are the ones the annotator's field tasks (`pipeline/fields/`) apply to
+each answer: one normaliser (`editors.metrics.normalize_answer`), one rule each, so an
+annotation the annotator accepts cannot fail QC on a rule the two would read differently.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from io import BytesIO
 
 from PIL import Image, UnidentifiedImageError
@@ -36,6 +42,34 @@ def majority_answer(answers: list[str]) -> str:
     counts = Counter(normalized)
     best = max(counts.values())
     return next(a for a in normalized if counts[a] == best)
+
+
+# --------------------------------------------------------------------------- text rules
+
+
+def repeats(text: str, others: Iterable[str]) -> bool:
+    """`text` is one of `others` once both are normalised."""
+    return normalize_answer(text) in {normalize_answer(other) for other in others}
+
+
+def rephrases_repeat_question(question: str, rephrases: Iterable[str]) -> bool:
+    """A rephrase is the question itself."""
+    return repeats(question, rephrases)
+
+
+def rephrase_sets_overlap(evals: Iterable[str], trains: Iterable[str]) -> bool:
+    """A training rephrase is also an evaluation rephrase."""
+    evals = list(evals)
+    return any(repeats(train, evals) for train in trains)
+
+
+def negative_repeats(question: str, rephrases: Iterable[str], negatives: Iterable[str]) -> bool:
+    """A text negative's question is the item's question or one of its rephrases."""
+    taken = [question, *rephrases]
+    return any(repeats(negative, taken) for negative in negatives)
+
+
+# --------------------------------------------------------------------------- record checks
 
 
 def _image_problem(data: bytes, min_side: int) -> str | None:
@@ -83,31 +117,26 @@ def _count_problems(record: OkeditRecord, cfg: QualityConfig) -> list[str]:
 
 
 def _answer_problems(record: OkeditRecord) -> list[str]:
-    originals = {normalize_answer(a) for a in record.answers}
-    target = normalize_answer(record.target)
     problems = []
-    if target in originals:
+    if repeats(record.target, record.answers):
         problems.append("target is one of the original answers")
     for name in ("locality_answer", "locality_answer_train"):
-        value = normalize_answer(getattr(record, name))
-        if value in originals or value == target:
+        if repeats(getattr(record, name), [*record.answers, record.target]):
             problems.append(f"{name} is an original answer or the target")
     return problems
 
 
 def _disjointness_problems(record: OkeditRecord) -> list[str]:
-    question = normalize_answer(record.question)
-    evals = {normalize_answer(q) for q in record.rephrases}
-    trains = {normalize_answer(q) for q in record.rephrases_train}
+    rephrases = [*record.rephrases, *record.rephrases_train]
     problems = []
-    if evals & trains:
+    if rephrase_sets_overlap(record.rephrases, record.rephrases_train):
         problems.append("rephrases and rephrases_train overlap")
-    if question in evals | trains:
+    if rephrases_repeat_question(record.question, rephrases):
         problems.append("a rephrase repeats the question")
-    if len(evals) < len(record.rephrases):
+    if len({normalize_answer(q) for q in record.rephrases}) < len(record.rephrases):
         problems.append("duplicate rephrases")
-    negatives = {normalize_answer(n.question) for n in record.text_negatives}
-    if negatives & (evals | trains | {question}):
+    negatives = [n.question for n in record.text_negatives]
+    if negative_repeats(record.question, rephrases, negatives):
         problems.append("a text negative repeats the question or a rephrase")
     if record.locality_image_train in record.locality_images:
         problems.append("training negative image is also an evaluation locality image")

@@ -8,8 +8,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pipeline.check import FilterMode, filter_by_check
-from pipeline.config import ValidateSettings
-from pipeline.publish import publish_local, resolved_validation
+from pipeline.config import ResolvedValidation, ValidateSettings, resolve_validation
+from pipeline.publish import publish_local
 from schemas.features import read_parquet_records
 from schemas.record import OkeditRecord, Rejection
 
@@ -40,15 +40,15 @@ def read_folder(folder: Path) -> tuple[list[OkeditRecord], list[Rejection], dict
 
 
 def revalidated_manifest(
-    manifest: dict, settings: ValidateSettings, counts: dict, stage: dict
+    manifest: dict, validation: ResolvedValidation, counts: dict, stage: dict
 ) -> dict:
     """The folder's manifest with this re-validation's settings and counts, so that nothing
     of the earlier validation is left to contradict the records."""
     config = {**_UNKNOWN_BUILD["config"], **manifest.get("config", {})}
     # as `BuildConfig.describe()` records it
     config["validation"] = {
-        **settings.model_dump(mode="json"),
-        "resolved_editor": settings.editor_settings().model_dump(mode="json"),
+        **validation.settings.model_dump(mode="json"),
+        "resolved_editor": validation.editor.model_dump(mode="json"),
     }
     return {
         **_UNKNOWN_BUILD,
@@ -81,9 +81,10 @@ def revalidate_folder(
         filter=filter_mode,
         **({"model": model} if model else {}),
     )
+    validation = resolve_validation(settings)
     if records:  # no model load for an empty folder
         records = validate_records(
-            records, settings.editor_settings(), settings.model_settings(), check=settings.check
+            records, validation.editor, validation.model, check=settings.check
         )
     records, dropped = filter_by_check(records, settings.filter)
     rejected += dropped
@@ -99,8 +100,8 @@ def revalidate_folder(
             f"data and rejected.jsonl {counts['in']}"
         )
     stage = {"ok": len(records), "rejected": len(dropped)}
-    manifest = revalidated_manifest(manifest, settings, counts, stage)
-    paths = publish_local(records, rejected, out, manifest, resolved_validation(settings))
+    manifest = revalidated_manifest(manifest, validation, counts, stage)
+    paths = publish_local(records, rejected, out, manifest, validation.summary())
     return {
         "counts": counts,
         "stages": {"validate": stage},

@@ -231,18 +231,23 @@ def answer_tokens(config: EditorConfig, batch: Batch) -> int:
 
 
 def generated_answers(
-    editor: Editor, batch: Batch, edited: bool, capture: Capture | None = None
+    editor: Editor,
+    batch: Batch,
+    edited: bool,
+    capture: Capture | None = None,
+    groups: Tensor | None = None,
 ) -> list[str] | None:
     """Greedy answers to every probe's prompt (None when `generate_answers` is off): decoded
     from a capture with a KV cache (fast path, `editors.decoding`), else one `generate` per
-    row. The clean side runs without the wrapper, so earlier sequential edits do not leak in."""
+    row; edited rows route within their codebook `groups`. The clean side runs without the
+    wrapper, so earlier sequential edits do not leak in."""
     if not editor.config.generate_answers:
         return None
     max_new_tokens = answer_tokens(editor.config, batch)
     if capture is not None and capture.kv is not None:
-        return greedy_answers(editor, batch, capture, edited, max_new_tokens)
+        return greedy_answers(editor, batch, capture, edited, max_new_tokens, groups)
     if edited:
-        return editor.generate(batch, max_new_tokens)
+        return editor.generate(batch, max_new_tokens, groups)
     return editor.adapter.generate(batch, max_new_tokens)
 
 
@@ -254,17 +259,37 @@ def keeps_kv(editor: Editor, batch: Batch) -> bool:
 
 
 def run_probes(editor: Editor, probes: list[Probe], request: EditRequest) -> _Run:
-    """Pre (clean) logits, the edit, post logits, distances and routing for all probes.
+    """`run_items` for one item."""
+    return run_items(editor, [(probes, request)])[0]
 
-    Fast path: one batched clean forward caches the module input of every probe (the edit,
-    `train_pos` and `train_neg` rows included: they are the edit request) and, when answers
-    are generated, its KV cache; training, the post logits and the greedy answers' decode
-    steps run on the tail. Slow path: the edit and every probe run their own forwards.
+
+def run_items(editor: Editor, items: list[tuple[list[Probe], EditRequest]]) -> list[_Run]:
+    """Per item: pre (clean) logits, its edit, post logits, distances and routing of its probes.
+
+    Fast path: the probes of all items form one batch. One clean capture (shared forwards)
+    caches the module input of every probe (the edit, `train_pos` and `train_neg` rows
+    included: they are the edit requests) and, when answers are generated, its KV cache; the
+    edits train side by side on the tail, item i's entry in codebook group i, which routes
+    only item i's probes; post logits and the greedy answers' decode steps run batched. Items
+    whose KV cache would not fit `decode_kv_gb` together run in halves. Slow path (and FT,
+    and sequential edits): one item; the edit and every probe run their own forwards.
     """
+    if len(items) > 1 and not editor.edits_side_by_side:
+        raise ValueError(f"{editor.name} validates one item at a time here")
     adapter = editor.adapter
+    probes = [p for item_probes, _ in items for p in item_probes]
     batch = adapter.build_inputs(
         [p.image for p in probes], [p.question for p in probes], [p.expected for p in probes]
     )
+    if len(items) > 1 and editor.config.generate_answers and not keeps_kv(editor, batch):
+        half = len(items) // 2
+        first = run_items(editor, items[:half])
+        editor.restore()  # the second half's groups start at 0 again
+        return first + run_items(editor, items[half:])
+    spans = _spans([len(item_probes) for item_probes, _ in items])
+    groups = torch.cat(
+        [torch.full((len(item_probes),), i) for i, (item_probes, _) in enumerate(items)]
+    ).to(batch.input_ids.device)
     targets = [batch.labels[b][batch.target_mask[b]] for b in range(batch.size)]
     capture = None
     if editor.fast:
@@ -272,30 +297,49 @@ def run_probes(editor: Editor, probes: list[Probe], request: EditRequest) -> _Ru
     pre_answers = generated_answers(editor, batch, edited=False, capture=capture)
     if capture is not None:
         pre = editor.clean_target_logits(batch, capture)
-        kinds = [p.kind for p in probes]
-        used = [k for k in RADIUS_KINDS if k in kinds] if editor.uses_radius_probes else ["edit"]
-        rows = [kinds.index(kind) for kind in used]
-        outcome = editor.edit_rows(batch, capture, rows, request.label or request.edit.answer)
-        routed = editor.evaluate(batch, capture)
+        edits = [
+            _edit_rows(editor, item_probes, span)
+            for (item_probes, _), span in zip(items, spans, strict=True)
+        ]
+        labels = [request.label or request.edit.answer for _, request in items]
+        outcomes = editor.edit_rows(batch, capture, edits, labels)
+        routed = editor.evaluate(batch, capture, groups)
         post, parts, entries = routed.target_logits, routed.parts, routed.entry
     else:
         singles = [adapter.select(batch, [b]) for b in range(batch.size)]
         pre = [editor.clean_target_logits(s)[0] for s in singles]
-        outcome = editor.edit(request)
+        outcomes = [editor.edit(request) for _, request in items]
         results: list[Routed] = [editor.evaluate(s) for s in singles]
         post = [r.target_logits[0] for r in results]
         parts = torch.cat([r.parts for r in results])
         entries = torch.cat([r.entry for r in results])
-    return _Run(
-        pre=pre,
-        post=post,
-        distance=_reported_distance(parts[:, outcome.entry], outcome),
-        routed=entries == outcome.entry,
-        targets=targets,
-        outcome=outcome,
-        pre_answers=pre_answers,
-        post_answers=generated_answers(editor, batch, edited=True, capture=capture),
-    )
+    post_answers = generated_answers(editor, batch, edited=True, capture=capture, groups=groups)
+    return [
+        _Run(
+            pre=pre[span],
+            post=post[span],
+            distance=_reported_distance(parts[span, outcome.entry], outcome),
+            routed=entries[span] == outcome.entry,
+            targets=targets[span],
+            outcome=outcome,
+            pre_answers=pre_answers[span] if pre_answers is not None else None,
+            post_answers=post_answers[span] if post_answers is not None else None,
+        )
+        for span, outcome in zip(spans, outcomes, strict=True)
+    ]
+
+
+def _spans(sizes: list[int]) -> list[slice]:
+    """Consecutive row ranges of items with `sizes` rows each."""
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [slice(start, start + size) for start, size in zip(starts, sizes, strict=True)]
+
+
+def _edit_rows(editor: Editor, probes: list[Probe], span: slice) -> list[int]:
+    """Batch rows of an item's edit request, in `EditRequest.rows()` order."""
+    kinds = [p.kind for p in probes]
+    used = [k for k in RADIUS_KINDS if k in kinds] if editor.uses_radius_probes else ["edit"]
+    return [span.start + kinds.index(kind) for kind in used]
 
 
 def _reported_distance(parts: Tensor, outcome: EditOutcome) -> Tensor:
@@ -434,55 +478,127 @@ def validate_record(
     Never raises for a bad item: the verdict is then "error" with the cause. Outside
     sequential mode the editor is restored afterwards (the next item sees a clean model).
     """
+    return validate_items([record], editor, model_name, [screen])[0]
+
+
+Screen = Callable[[list[ProbeResult]], Collection[str]]
+
+
+def validate_items(
+    records: list[OkeditRecord],
+    editor: Editor,
+    model_name: str = "",
+    screens: list[Screen | None] | None = None,
+) -> list[Validation]:
+    """`validate_record` for several items edited and probed together (`run_items`): the same
+    results as one at a time, up to float rounding between batched and single forwards.
+
+    Each item gets its own error: an item without its probes is an error before the joint
+    run; if the joint run itself fails (e.g. a target the tokenizer cannot encode), its items
+    run one at a time, so the failing one gets the error and the others their results. An
+    editor that edits one item at a time (`Editor.edits_side_by_side`: FT, the slow path,
+    sequential edits) validates them in turn. `seconds` is each item's share of the run.
+    """
+    screens = screens or [None] * len(records)
+    if len(records) > 1 and not editor.edits_side_by_side:
+        return [
+            validate_record(record, editor, model_name, screen)
+            for record, screen in zip(records, screens, strict=True)
+        ]
     config = editor.config
     start = time.perf_counter()
-    base = Validation(
+    out: list[Validation | None] = [None] * len(records)
+    ready, items = [], []  # the items whose probes exist, and their probes and requests
+    for i, record in enumerate(records):
+        try:
+            items.append((build_probes(record, config), edit_request(record, config)))
+            ready.append(i)
+        except Exception as exc:
+            out[i] = _error(record, editor, model_name, exc, _since(start))
+    runs: list[_Run] | Exception = []
+    if items:
+        try:
+            runs = run_items(editor, items)
+        except Exception as exc:
+            runs = exc
+        finally:
+            if not config.sequential:
+                editor.restore()
+    if isinstance(runs, Exception) and len(ready) > 1:
+        for i in ready:  # one at a time: the failing item gets the error, the others results
+            out[i] = validate_record(records[i], editor, model_name, screens[i])
+    elif isinstance(runs, Exception):
+        out[ready[0]] = _error(records[ready[0]], editor, model_name, runs, _since(start))
+    else:
+        seconds = _since(start) / max(len(ready), 1)  # each item's share of the joint run
+        for i, (probes, _), run in zip(ready, items, runs, strict=True):
+            try:
+                validation = _validation(records[i], editor, model_name, probes, run, screens[i])
+                out[i] = validation.model_copy(update={"seconds": seconds})
+            except Exception as exc:
+                out[i] = _error(records[i], editor, model_name, exc, seconds)
+    return [v for v in out if v is not None]
+
+
+def _since(start: float) -> float:
+    return time.perf_counter() - start
+
+
+def _base_validation(editor: Editor, model_name: str) -> Validation:
+    config = editor.config
+    return Validation(
         editor=config.editor,
         model=model_name,
         key_variant=config.key_label,
         alpha=config.alpha if config.editor == "balancedit" else -1.0,
     )
-    try:
-        probes = build_probes(record, config)
-        run = run_probes(editor, probes, edit_request(record, config))
-        results = probe_results(probes, run, config)
-        kept = [
-            exact_match(post, pre.argmax(-1)) for pre, post in zip(run.pre, run.post, strict=True)
-        ]
-        left_out = set(screen(results)) if screen is not None else set()
-        pairs = [(p, k) for p, k in zip(results, kept, strict=True) if p.name not in left_out]
-        results, kept = [p for p, _ in pairs], [k for _, k in pairs]
-        epsilon = _reported_epsilon(run.outcome)
-        name, reason, in_ok, out_ok = verdict(
-            results, kept, epsilon, config.negative, config.ambiguity
-        )
-        return base.model_copy(
-            update={
-                "verdict": name,
-                "reason": reason,
-                "in_scope_ok": in_ok,
-                "out_of_scope_ok": out_ok,
-                "epsilon": epsilon,
-                "edit_config": _edit_config(editor, run.outcome),
-                "metrics": item_metrics(results, config.hm_locality),
-                "probes": results,
-                "seconds": time.perf_counter() - start,
-            }
-        )
-    except Exception as exc:  # one bad item must not stop the run
-        expected = isinstance(exc, ScopeInputError | TargetEncodingError)
-        logger.warning("validation of %s: %s", record.item_id, exc, exc_info=not expected)
-        return base.model_copy(
-            update={
-                "verdict": "error",
-                "reason": f"{type(exc).__name__}: {exc}",
-                "edit_config": config.to_json(module=editor.path),
-                "seconds": time.perf_counter() - start,
-            }
-        )
-    finally:
-        if not config.sequential:
-            editor.restore()
+
+
+def _validation(
+    record: OkeditRecord,
+    editor: Editor,
+    model_name: str,
+    probes: list[Probe],
+    run: _Run,
+    screen: Screen | None,
+) -> Validation:
+    """The filled `Validation` of one item from its run."""
+    config = editor.config
+    results = probe_results(probes, run, config)
+    kept = [exact_match(post, pre.argmax(-1)) for pre, post in zip(run.pre, run.post, strict=True)]
+    left_out = set(screen(results)) if screen is not None else set()
+    pairs = [(p, k) for p, k in zip(results, kept, strict=True) if p.name not in left_out]
+    results, kept = [p for p, _ in pairs], [k for _, k in pairs]
+    epsilon = _reported_epsilon(run.outcome)
+    name, reason, in_ok, out_ok = verdict(results, kept, epsilon, config.negative, config.ambiguity)
+    return _base_validation(editor, model_name).model_copy(
+        update={
+            "verdict": name,
+            "reason": reason,
+            "in_scope_ok": in_ok,
+            "out_of_scope_ok": out_ok,
+            "epsilon": epsilon,
+            "edit_config": _edit_config(editor, run.outcome),
+            "metrics": item_metrics(results, config.hm_locality),
+            "probes": results,
+        }
+    )
+
+
+def _error(
+    record: OkeditRecord, editor: Editor, model_name: str, exc: Exception, seconds: float
+) -> Validation:
+    """Verdict "error" with the cause: one bad item must not stop the run."""
+    expected = isinstance(exc, ScopeInputError | TargetEncodingError)
+    logger.warning("validation of %s: %s", record.item_id, exc, exc_info=not expected)
+    return _base_validation(editor, model_name).model_copy(
+        update={
+            "verdict": "error",
+            "reason": f"{type(exc).__name__}: {exc}",
+            "edit_config": editor.config.to_json(module=editor.path),
+            "seconds": seconds,
+        }
+    )
 
 
 def _edit_config(editor: Editor, outcome: EditOutcome) -> str:

@@ -1,23 +1,24 @@
-"""The build as chunk-level stage functions over a `WorkDir`.
+"""The build's stages, declared once (`STAGES`), and the one chunk runner.
 
-Each function reads its inputs from the previous stage's chunk files, calls the plain stage
-function, and writes its own chunk, skipping chunks already done, which is what makes a
-re-run resume (`run_chunk` is that skeleton, once). They take only small, hashable arguments
-(a config, a chunk index, ids), so Prefect can wrap them as cached tasks without moving
-images through its results.
+A stage is a plain function `(build, work, index) -> (ok, rejected)`: it reads the chunk's
+earlier results from the build's `WorkDir`, does its work, and returns its results;
+`run_chunk` skips a finished chunk (what makes a re-run resume: the chunk markers are the
+only resume mechanism), runs the stage, and writes the chunk with its marker last. Every
+stage gets the build's settings resolved once (`pipeline.config.ResolvedBuild`), and the
+objects a stage needs (source, annotator, image backend, model) are made once per process.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
-from pathlib import Path
 
-from pipeline.build import build_records
-from pipeline.config import BuildConfig
-from pipeline.sources import input_hashes
+from pipeline.assemble import build_records
+from pipeline.config import BuildConfig, ResolvedBuild, model_problem
 from pipeline.work import WorkDir
 from schemas.record import Annotation, ItemImages, OkeditRecord, Rejection, SourceItem
 
@@ -45,12 +46,39 @@ def split_ok(results: list) -> tuple[list, list[Rejection]]:
     return ok, [r for r in results if isinstance(r, Rejection)]
 
 
+# ---- what the stages use, made once per process and build ------------------------------
+
+
 @lru_cache(maxsize=4)
-def _source(config_json: str):
+def source(build: ResolvedBuild):
     from pipeline.sources import get_source
 
-    cfg = BuildConfig.model_validate_json(config_json)
-    return get_source(cfg.source, cache_dir=cfg.cache_dir)
+    return get_source(build.config.source, cache_dir=build.config.cache_dir)
+
+
+@lru_cache(maxsize=4)
+def annotator(build: ResolvedBuild):
+    return make_annotator(build.config)
+
+
+@lru_cache(maxsize=4)
+def image_backend(build: ResolvedBuild):
+    return make_image_backend(build.config)
+
+
+def adapter(build: ResolvedBuild):
+    """The validation model, loaded once per worker process and reused by every chunk (and
+    every build with the same model settings) it validates."""
+    assert build.validation is not None
+    return _load_model(build.validation.model.model_dump_json())
+
+
+@lru_cache(maxsize=1)
+def _load_model(model_json: str):
+    from editors.adapters import load_model
+    from editors.config import ModelConfig
+
+    return load_model(ModelConfig.model_validate_json(model_json))
 
 
 class ConfigError(ValueError):
@@ -99,6 +127,17 @@ def make_annotator(cfg: BuildConfig):
     return make_llm_annotator(cfg)
 
 
+def annotator_name(build: ResolvedBuild) -> str:
+    """The annotator's name for the manifest, without making one (an LLM client, a cache)."""
+    if build.config.annotator.kind == "offline":
+        from pipeline.offline_annotator import FlagworldAnnotator
+
+        return FlagworldAnnotator.name
+    from pipeline.annotate import LLMAnnotator
+
+    return LLMAnnotator.name
+
+
 def make_image_backend(cfg: BuildConfig):
     """The images stage of `pipeline.images` for this build; settings that cannot work
     (render for a real source, retrieve without a pool, openai without a key) fail here."""
@@ -113,17 +152,7 @@ def make_image_backend(cfg: BuildConfig):
         raise ConfigError(str(exc)) from None
 
 
-@lru_cache(maxsize=4)
-def _annotator(config_json: str):
-    return make_annotator(BuildConfig.model_validate_json(config_json))
-
-
-@lru_cache(maxsize=4)
-def _image_backend(config_json: str):
-    return make_image_backend(BuildConfig.model_validate_json(config_json))
-
-
-def preflight(cfg: BuildConfig) -> None:
+def preflight(build: ResolvedBuild) -> None:
     """Fail before any work (or any paid request) when the settings cannot work.
 
     Reads and checks the source's input files (every column and entry), builds the
@@ -131,31 +160,31 @@ def preflight(cfg: BuildConfig) -> None:
     load (a local folder, or a Hub id on the Hub or, offline, in the local cache) and the
     CUDA device it asks for, so a missing file, key, pool folder, model or GPU is one clear
     error up front (`ConfigError`, `FileNotFoundError`, `ValueError`, `LLMFatalError`)
-    instead of a failure stages later.
+    instead of a failure stages later. (A missing tiny VLM already failed in
+    `pipeline.config.resolve`.)
     """
-    config_json = cfg.model_dump_json()
+    cfg = build.config
     for setting, url in _urls(cfg):
         problem = url_problem(url)
         if problem:
             from pipeline.llm import redact_url
 
             raise ConfigError(f"{setting} {redact_url(url)}: {problem}")
-    _source(config_json).list_ids(cfg.limit, cfg.seed)  # reads and checks the input files
-    _annotator(config_json)
-    _image_backend(config_json)
+    chunk_ids(build)  # reads and checks the input files
+    annotator(build)
+    image_backend(build)
     for setting, model in _image_models(cfg):
         _require_model(model, setting)
     if cfg.images.device == "cuda" and _image_models(cfg):
         _require_cuda("images.device")
-    if cfg.validation.enabled:
-        settings = cfg.validation.model_settings()  # the tiny VLM: FileNotFoundError
-        if settings.device == "cuda":
+    if build.validation is not None:
+        if build.validation.model.device == "cuda":
             _require_cuda("--device")
-        _require_model(settings.model, "--model")
+        _require_model(build.validation.model.model, "--model")
         try:
-            cfg.validation.family()
-        except (ValueError, OSError) as exc:
-            raise ConfigError(f"--model {cfg.validation.model}: {_first_line(exc)}") from None
+            build.validation.family()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def _urls(cfg: BuildConfig) -> list[tuple[str, str]]:
@@ -186,10 +215,6 @@ def url_problem(url: str) -> str | None:
     return None
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
 def _image_models(cfg: BuildConfig) -> list[tuple[str, str]]:
     """(setting, model id or folder) of every model the images stage loads."""
     images = cfg.images
@@ -218,199 +243,164 @@ def _require_cuda(setting: str) -> None:
         )
 
 
-def model_problem(name: str) -> str | None:
-    """Why the model `name` (a local folder or a Hub id) cannot be loaded on this machine,
-    or None. A Hub id needs a local copy in the Hugging Face cache, or (online) to exist on
-    the Hub, which must then be reachable."""
-    from huggingface_hub import constants, model_info, snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
-
-    if Path(name).expanduser().exists():
-        return None
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        return "no such model folder"
-    try:
-        snapshot_download(name, local_files_only=True)
-        return None  # a local copy
-    except HFValidationError:
-        return "neither a model folder nor a Hugging Face Hub model id"
-    except LocalEntryNotFoundError:
-        if constants.is_offline_mode():
-            return (
-                "no local copy in the Hugging Face cache, and HF_HUB_OFFLINE is set; "
-                "download it once online or pass a model folder"
-            )
-    except Exception:
-        pass
-    try:
-        model_info(name, timeout=10)
-    except HFValidationError:
-        return "neither a model folder nor a Hugging Face Hub model id"
-    except GatedRepoError:
-        return "gated on the Hugging Face Hub: accept its terms and set HF_TOKEN"
-    except RepositoryNotFoundError:
-        return "no such model on the Hugging Face Hub (a private one? set HF_TOKEN)"
-    except (OSError, *httpx_errors()) as exc:
-        return (
-            "no local copy in the Hugging Face cache and the Hub cannot be reached "
-            f"({type(exc).__name__}: {_first_line(exc)}); connect, or pass a model folder"
-        )
-    return None
-
-
-def httpx_errors() -> tuple[type[Exception], ...]:
-    """The transport errors of the HTTP client huggingface_hub uses (httpx or its fork)."""
-    found: list[type[Exception]] = []
-    for module in ("httpx", "httpx2"):
-        try:
-            found.append(__import__(module).TransportError)
-        except (ImportError, AttributeError):
-            pass
-    return tuple(found)
-
-
 def _require_model(name: str, setting: str) -> None:
     problem = model_problem(name)
     if problem:
         raise ConfigError(f"{setting} {name}: {problem}")
 
 
-def list_ids(cfg: BuildConfig) -> list[str]:
-    return _source(cfg.model_dump_json()).list_ids(cfg.limit, cfg.seed)
-
-
-def chunked(ids: list[str], size: int) -> list[list[str]]:
-    return [ids[i : i + size] for i in range(0, len(ids), size)]
+@lru_cache(maxsize=4)
+def chunk_ids(build: ResolvedBuild) -> tuple[tuple[str, ...], ...]:
+    """The build's item ids (the source's sample), in chunks of `chunk_size`."""
+    cfg = build.config
+    ids = source(build).list_ids(cfg.limit, cfg.seed)
+    return tuple(tuple(ids[i : i + cfg.chunk_size]) for i in range(0, len(ids), cfg.chunk_size))
 
 
 StageResult = tuple[list, list[Rejection]]
+StageFn = Callable[[ResolvedBuild, WorkDir, int], StageResult]
 
 
-def run_chunk(
-    cfg: BuildConfig, stage: str, index: int, step: Callable[[WorkDir], StageResult]
-) -> dict[str, int]:
-    """The one skeleton of every chunk: skip a finished chunk (what makes a re-run resume),
-    else run `step` on the build's files and write its results, the done-marker last."""
-    work = WorkDir(cfg.out)
-    if work.is_done(stage, index):
-        return work.chunk_counts(stage, index)
-    _starting(stage, index)
-    ok, rejected = step(work)
-    return work.write_chunk(stage, index, ok, rejected)
+def gather(build: ResolvedBuild, work: WorkDir, index: int) -> StageResult:
+    ids = chunk_ids(build)[index]
+    results = source(build).load_items(list(ids))
+    ok, rejected = split_ok(results)
+    seen = {r.item_id for r in results}  # an id the source skipped is still accounted for
+    missing = [i for i in ids if i not in seen]
+    reason = "not returned by source"
+    return ok, rejected + [Rejection(item_id=i, stage="gather", reason=reason) for i in missing]
 
 
-def gather_chunk(cfg: BuildConfig, index: int, ids: list[str]) -> dict[str, int]:
-    def step(work: WorkDir) -> StageResult:
-        results = _source(cfg.model_dump_json()).load_items(ids)
-        ok, rejected = split_ok(results)
-        seen = {r.item_id for r in results}  # an id the source skipped is still accounted for
-        missing = [i for i in ids if i not in seen]
-        reason = "not returned by source"
-        return ok, rejected + [Rejection(item_id=i, stage="gather", reason=reason) for i in missing]
-
-    return run_chunk(cfg, "gather", index, step)
-
-
-def annotate_chunk(cfg: BuildConfig, index: int) -> dict[str, int]:
-    """Annotate a chunk; a chunk done with deferred items (transient LLM failures) is not
-    final: this asks again for those items only (the request cache makes everything that
-    was answered before free) and, when anything changed, rewrites the chunk and reopens
-    the later stages of the chunk."""
-    work = WorkDir(cfg.out)
-    if work.is_final("annotate", index):
-        return work.chunk_counts("annotate", index)
-    _starting("annotate", index)
+def annotate(build: ResolvedBuild, work: WorkDir, index: int) -> StageResult:
     items = work.read_ok("gather", index, SourceItem)
-    if not work.is_done("annotate", index):
-        results = _annotator(cfg.model_dump_json()).annotate(items) if items else []
-        ok, rejected = split_ok(stamped(results))
-        return work.write_chunk("annotate", index, ok, rejected)
-    return _retry_deferred(cfg, work, index, items)
+    return split_ok(stamped(annotator(build).annotate(items) if items else []))
 
 
-def _retry_deferred(
-    cfg: BuildConfig, work: WorkDir, index: int, items: list[SourceItem]
-) -> dict[str, int]:
+def retry_deferred(build: ResolvedBuild, work: WorkDir, index: int) -> StageResult | None:
+    """An annotate chunk done with deferred items (transient LLM failures) asks again for
+    those items only (the request cache makes everything answered before free); None when
+    they are still waiting, else the chunk's new results."""
+    items = work.read_ok("gather", index, SourceItem)
     before_ok = work.read_ok("annotate", index, Annotation)
     before_rejected = work.read_rejected("annotate", index)
     retry = {r.item_id for r in before_rejected if r.deferred}
-    again = _annotator(cfg.model_dump_json()).annotate([i for i in items if i.item_id in retry])
+    again = annotator(build).annotate([i for i in items if i.item_id in retry])
     if all(isinstance(r, Rejection) and r.deferred for r in again):
-        return work.chunk_counts("annotate", index)  # still waiting: nothing to redo
+        return None
     new_ok, new_rejected = split_ok(stamped(again))
     order = {item.item_id: n for n, item in enumerate(items)}
     ok = sorted([*before_ok, *new_ok], key=lambda a: order.get(a.item_id, len(order)))
-    rejected = [r for r in before_rejected if not r.deferred] + new_rejected
-    work.reopen_after("annotate", index)  # first: the later stages are stale from here on
-    return work.write_chunk("annotate", index, ok, rejected)
+    return ok, [r for r in before_rejected if not r.deferred] + new_rejected
 
 
-def images_chunk(cfg: BuildConfig, index: int) -> dict[str, int]:
-    def step(work: WorkDir) -> StageResult:
-        items = {i.item_id: i for i in work.read_ok("gather", index, SourceItem)}
-        pairs = [(items[a.item_id], a) for a in work.read_ok("annotate", index, Annotation)]
-        results = _image_backend(cfg.model_dump_json()).make_images(pairs) if pairs else []
-        return split_ok(stamped(results))
-
-    return run_chunk(cfg, "images", index, step)
+def images(build: ResolvedBuild, work: WorkDir, index: int) -> StageResult:
+    items = {i.item_id: i for i in work.read_ok("gather", index, SourceItem)}
+    pairs = [(items[a.item_id], a) for a in work.read_ok("annotate", index, Annotation)]
+    return split_ok(stamped(image_backend(build).make_images(pairs) if pairs else []))
 
 
-def assemble_chunk(cfg: BuildConfig, index: int) -> dict[str, int]:
-    def step(work: WorkDir) -> StageResult:
-        return build_records(
-            work.read_ok("gather", index, SourceItem),
-            work.read_ok("annotate", index, Annotation),
-            work.read_ok("images", index, ItemImages),
-            cfg.quality,
-        )
-
-    return run_chunk(cfg, "assemble", index, step)
+def assemble(build: ResolvedBuild, work: WorkDir, index: int) -> StageResult:
+    """QC: the item's parts joined into records, checked (`pipeline.assemble`)."""
+    return build_records(
+        work.read_ok("gather", index, SourceItem),
+        work.read_ok("annotate", index, Annotation),
+        work.read_ok("images", index, ItemImages),
+        build.config.quality,
+    )
 
 
-@lru_cache(maxsize=1)
-def _adapter(model_json: str):
-    """One model load per worker process, reused by every chunk it validates."""
-    from editors.adapters import load_model
-    from editors.config import ModelConfig
-
-    return load_model(ModelConfig.model_validate_json(model_json))
-
-
-def validate_chunk(cfg: BuildConfig, index: int) -> dict[str, int]:
+def validate(build: ResolvedBuild, work: WorkDir, index: int) -> StageResult:
     """Edit the model once per record and store both outcomes; errors stay per item."""
+    records = work.read_ok("assemble", index, OkeditRecord)
+    if build.validation is None or not records:
+        return records, []
+    from pipeline.validate import validate_records
 
-    def step(work: WorkDir) -> StageResult:
-        records = work.read_ok("assemble", index, OkeditRecord)
-        if not (cfg.validation.enabled and records):
-            return records, []
-        from pipeline.validate import validate_records
-
-        model_settings = cfg.validation.model_settings()
-        validated = validate_records(
-            records,
-            cfg.validation.editor_settings(),
-            model_settings,
-            model=_adapter(model_settings.model_dump_json()),
-            show_progress=False,  # the flow shows its own progress
-            check=cfg.validation.check,
-        )
-        return validated, []
-
-    return run_chunk(cfg, "validate", index, step)
+    validated = validate_records(
+        records,
+        build.validation.editor,
+        build.validation.model,
+        model=adapter(build),
+        show_progress=False,  # the flow shows its own progress
+        check=build.validation.settings.check,
+        batch_items=build.validation.settings.batch_items,
+    )
+    return validated, []
 
 
-def collect(cfg: BuildConfig, n_chunks: int) -> tuple[list[OkeditRecord], list[Rejection], dict]:
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: StageFn
+    # a chunk done with deferred items is tried again by this (annotate only)
+    retry: Callable[[ResolvedBuild, WorkDir, int], StageResult | None] | None = None
+    long: bool = False  # slow enough to watch in the UI (LLM calls, image models, edits)
+
+
+# The build, in order. Each stage reads the chunk files of the stages before it.
+STAGES: tuple[Stage, ...] = (
+    Stage("gather", gather),
+    Stage("annotate", annotate, retry=retry_deferred, long=True),
+    Stage("images", images, long=True),
+    Stage("assemble", assemble),
+    Stage("validate", validate, long=True),
+)
+STAGE_NAMES = tuple(stage.name for stage in STAGES)
+_BY_NAME = {stage.name: stage for stage in STAGES}
+
+
+def run_chunk(build: ResolvedBuild, stage_name: str, index: int) -> dict[str, int]:
+    """The one runner of every stage and chunk: skip a finished chunk (what makes a re-run
+    resume), else run the stage on the build's files and write its results, the marker
+    last. A chunk rewritten by a retry reopens the chunk's later stages."""
+    stage = _BY_NAME[stage_name]
+    work = WorkDir(build.out)
+    if work.is_final(stage.name, index):
+        return work.chunk_counts(stage.name, index)
+    _starting(stage.name, index)
+    if work.is_done(stage.name, index):  # done, with deferred items
+        again = stage.retry(build, work, index) if stage.retry else None
+        if again is None:
+            return work.chunk_counts(stage.name, index)
+        work.reopen(index, STAGE_NAMES[STAGE_NAMES.index(stage.name) + 1 :])
+        return work.write_chunk(stage.name, index, *again)
+    return work.write_chunk(stage.name, index, *stage.run(build, work, index))
+
+
+def run_chunk_stages(
+    build: ResolvedBuild, stage_names: Sequence[str], index: int
+) -> dict[str, dict]:
+    """`run_chunk` for several stages of one chunk, in order: per stage its counts and when
+    it ran in this process (`start`, `end`: `time.time()`; equal for a skipped chunk)."""
+    report = {}
+    for name in stage_names:
+        start = time.time()
+        counts = run_chunk(build, name, index)
+        report[name] = {"counts": counts, "start": start, "end": time.time()}
+    return report
+
+
+def stage_seconds(reports: list[dict[str, dict]]) -> dict[str, float]:
+    """Wall time of each stage in this run, from `run_chunk_stages` reports: from its first
+    chunk's start to its last chunk's end (the stages of one chunk task overlap other
+    chunks' stages)."""
+    spans: dict[str, list[float]] = {}
+    for report in reports:
+        for name, ran in report.items():
+            span = spans.setdefault(name, [ran["start"], ran["end"]])
+            span[0], span[1] = min(span[0], ran["start"]), max(span[1], ran["end"])
+    return {name: round(end - start, 3) for name, (start, end) in spans.items()}
+
+
+def collect(
+    build: ResolvedBuild, n_chunks: int
+) -> tuple[list[OkeditRecord], list[Rejection], dict]:
     """All validated records, every rejection, and per-stage counts."""
-    work = WorkDir(cfg.out)
+    work = WorkDir(build.out)
     records: list[OkeditRecord] = []
     rejected: list[Rejection] = []
     stage_counts = {}
-    for stage in ("gather", "annotate", "images", "assemble", "validate"):
+    for stage in STAGE_NAMES:
         counts = [work.chunk_counts(stage, i) for i in range(n_chunks)]
         stage_counts[stage] = {
             "ok": sum(c["ok"] for c in counts),
@@ -426,21 +416,22 @@ def collect(cfg: BuildConfig, n_chunks: int) -> tuple[list[OkeditRecord], list[R
     return records, rejected, stage_counts
 
 
-def finalize(
-    cfg: BuildConfig, n_chunks: int, n_in: int, stage_seconds: dict[str, float] | None = None
-) -> dict:
+def finalize(build: ResolvedBuild, stage_seconds: dict[str, float] | None = None) -> dict:
     """Publish the local folder; returns the summary (in = published + rejected, + deferred
     when items wait for a re-run: those are listed in rejected.jsonl with `deferred: true`)."""
     from pipeline.check import filter_by_check
     from pipeline.plan import resolved_image_model
-    from pipeline.publish import publish_local, resolved_validation
+    from pipeline.publish import publish_local
 
-    records, rejected, stage_counts = collect(cfg, n_chunks)
+    cfg = build.config
+    chunks = chunk_ids(build)
+    records, rejected, stage_counts = collect(build, len(chunks))
     records, dropped = filter_by_check(records, cfg.validation.filter)
     rejected += dropped
     stage_counts["validate"]["ok"] -= len(dropped)
     stage_counts["validate"]["rejected"] += len(dropped)
     deferred = sum(r.deferred for r in rejected)
+    n_in = sum(len(c) for c in chunks)
     counts = {"in": n_in, "published": len(records), "rejected": len(rejected) - deferred}
     if deferred:
         counts["deferred"] = deferred
@@ -448,16 +439,15 @@ def finalize(
         raise RuntimeError(f"counts do not reconcile: {counts}")
     manifest = {
         "name": "OKEDIT",
-        "fingerprint": cfg.fingerprint(),
+        "fingerprint": build.fingerprint,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "config": cfg.describe(),
-        "annotator": _annotator(cfg.model_dump_json()).name,
+        "config": build.described,
+        "annotator": annotator_name(build),
         "counts": counts,
         "stages": stage_counts,
     }
-    inputs = input_hashes(cfg.source)
-    if inputs:  # sha256 of the source files, by setting (part of the build's identity)
-        manifest["inputs"] = inputs
+    if build.inputs:  # sha256 of the source files, by setting (part of the build's identity)
+        manifest["inputs"] = build.inputs
     if cfg.annotator.kind == "llm":  # every request of the build, as the server counted it
         from pipeline.annotate import llm_usage
 
@@ -466,7 +456,8 @@ def finalize(
     if stage_seconds:  # this run's wall time per stage, against the plan's estimate
         manifest["stage_seconds"] = stage_seconds
         manifest["estimate_vs_actual"] = plan_rows(cfg, manifest)
-    paths = publish_local(records, rejected, cfg.out, manifest, resolved_validation(cfg.validation))
+    validation = build.validation.summary() if build.validation else None
+    paths = publish_local(records, rejected, cfg.out, manifest, validation)
     return {
         "counts": counts,
         "stages": stage_counts,
@@ -484,23 +475,24 @@ def plan_rows(cfg: BuildConfig, manifest: dict) -> list[dict]:
         return []
 
 
-def missing_chunks(cfg: BuildConfig, stage: str, n_chunks: int) -> list[int]:
+def missing_chunks(build: ResolvedBuild, stage: str) -> list[int]:
     """Chunks of `stage` without a completion marker (what a resumed or sharded run still owes)."""
-    work = WorkDir(cfg.out)
-    return [i for i in range(n_chunks) if not work.is_done(stage, i)]
+    work = WorkDir(build.out)
+    return [i for i in range(len(chunk_ids(build))) if not work.is_done(stage, i)]
 
 
-def publish_hub(cfg: BuildConfig) -> dict | None:
-    """Push the finished folder to `cfg.publish.repo_id` (token from HF_TOKEN) and verify it;
+def publish_hub(build: ResolvedBuild) -> dict | None:
+    """Push the finished folder to `publish.repo_id` (token from HF_TOKEN) and verify it;
     None when no Hub target is set."""
-    if not cfg.publish.repo_id:
+    publish = build.config.publish
+    if not publish.repo_id:
         return None
     from pipeline.publish import push_to_hub
 
     return push_to_hub(
-        cfg.out,
-        cfg.publish.repo_id,
-        private=cfg.publish.private,
-        revision=cfg.publish.revision,
-        commit_message=cfg.publish.commit_message,
+        build.out,
+        publish.repo_id,
+        private=publish.private,
+        revision=publish.revision,
+        commit_message=publish.commit_message,
     )

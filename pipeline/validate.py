@@ -1,7 +1,8 @@
 """The validate stage (design §7.4): edit each record on a clean model, probe its scope, and
 store both outcomes in the record's `Validation`: the item `check` (`pipeline.check`, from the
 clean model's answers) and what the editor did (verdict, metrics, `edit`). One model load per
-call; a failing item gets verdict "error" with the reason and the run goes on.
+call; a failing item gets verdict "error" with the reason and the run goes on. With
+`batch_items` > 1, several items are edited and probed together (`scope.validate_items`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,13 @@ from pipeline.check import (
     reindexed,
     without_probes,
 )
-from pipeline.scope import NEGATIVE_KINDS, POSITIVE_KINDS, make_editor, validate_record
+from pipeline.scope import (
+    NEGATIVE_KINDS,
+    POSITIVE_KINDS,
+    Screen,
+    make_editor,
+    validate_items,
+)
 from schemas.record import (
     EditSummary,
     FamilyScope,
@@ -43,6 +50,7 @@ def validate_records(
     model: VLMAdapter | None = None,
     show_progress: bool = True,
     check: CheckConfig | None = None,
+    batch_items: int = 1,
 ) -> list[OkeditRecord]:
     """Validate every record with the configured editor; returns copies with `validation` set
     and the probes the item check dropped removed.
@@ -50,7 +58,13 @@ def validate_records(
     `model` is an already loaded adapter (e.g. one per worker, reused across chunks); when
     None the model is loaded once from `model_config`. Configuration errors (bad module path,
     unsupported family, CUDA absent) raise before any item runs.
+
+    `batch_items` > 1 edits and probes up to that many items together (`scope.validate_items`:
+    shared forwards, the edits trained side by side, batched answers), with the same results
+    as one at a time; FT, the slow path and sequential edits still go one at a time.
     """
+    if batch_items < 1:
+        raise ValueError(f"batch_items must be at least 1, got {batch_items}")
     check = check or CheckConfig()
     adapter = model if model is not None else load_model(model_config)
     editor = make_editor(adapter, config)
@@ -66,11 +80,12 @@ def validate_records(
         disable=not show_progress,
     ) as progress:
         task = progress.add_task("", total=len(records))
-        for record in records:
-            validated = _validate_one(record, editor, name, check, similarity)
-            out.append(validated)
-            status = validated.validation.check.status
-            progress.update(task, advance=1, description=f"{record.item_id}: {status}")
+        for start in range(0, len(records), batch_items):
+            chunk = records[start : start + batch_items]
+            for validated in _validate_items(chunk, editor, name, check, similarity):
+                out.append(validated)
+                status = validated.validation.check.status
+                progress.update(task, advance=1, description=f"{validated.item_id}: {status}")
     return out
 
 
@@ -81,42 +96,59 @@ def text_similarity() -> Similarity:
     return SimilarityChecker()
 
 
-def _validate_one(
-    record: OkeditRecord,
+def _validate_items(
+    records: list[OkeditRecord],
     editor: Editor,
     model_name: str,
     check_config: CheckConfig,
     similarity: Similarity | None,
-) -> OkeditRecord:
-    checks: list[ItemCheck] = []
+) -> list[OkeditRecord]:
+    """Validate records together; each gets its item check (from its screen), its dropped
+    probes removed and its edit summary."""
+    checks: list[list[ItemCheck]] = [[] for _ in records]
 
-    def screen(probes: list[ProbeResult]) -> set[str]:
-        checks.append(check_item(record, probes, check_config, similarity))
-        return dropped_probes(checks[-1])
+    def screen(record: OkeditRecord, found: list[ItemCheck]) -> Screen:
+        def dropped(probes: list[ProbeResult]) -> set[str]:
+            found.append(check_item(record, probes, check_config, similarity))
+            return dropped_probes(found[-1])
 
-    validation = _edit_and_probe(record, editor, model_name, screen)
-    item_check = checks[-1] if checks else ItemCheck()
-    dropped = dropped_probes(item_check)
-    validation = validation.model_copy(
-        update={"check": item_check, "probes": reindexed(validation.probes, dropped)}
-    )
-    validation.edit = edit_summary(validation)
-    return without_probes(record, dropped).model_copy(update={"validation": validation})
+        return dropped
+
+    screens: list[Screen | None] = [screen(r, c) for r, c in zip(records, checks, strict=True)]
+    validations = _edit_and_probe(records, editor, model_name, screens)
+    out = []
+    for record, validation, found in zip(records, validations, checks, strict=True):
+        item_check = found[-1] if found else ItemCheck()
+        dropped = dropped_probes(item_check)
+        validation = validation.model_copy(
+            update={"check": item_check, "probes": reindexed(validation.probes, dropped)}
+        )
+        validation.edit = edit_summary(validation)
+        out.append(without_probes(record, dropped).model_copy(update={"validation": validation}))
+    return out
 
 
-def _edit_and_probe(record: OkeditRecord, editor: Editor, model_name: str, screen) -> Validation:
+def _edit_and_probe(
+    records: list[OkeditRecord],
+    editor: Editor,
+    model_name: str,
+    screens: list[Screen | None],
+) -> list[Validation]:
     start = time.perf_counter()
     try:
-        return validate_record(record, editor, model_name, screen=screen)
-    except Exception as exc:  # validate_record already catches; belt and braces for the run
-        logger.warning("validation of %s crashed: %s", record.item_id, exc, exc_info=True)
-        return Validation(
-            verdict="error",
-            reason=f"{type(exc).__name__}: {exc}",
-            editor=editor.config.editor,
-            model=model_name,
-            seconds=time.perf_counter() - start,
-        )
+        return validate_items(records, editor, model_name, screens)
+    except Exception as exc:  # validate_items already catches; belt and braces for the run
+        logger.warning("validation of %d items crashed: %s", len(records), exc, exc_info=True)
+        return [
+            Validation(
+                verdict="error",
+                reason=f"{type(exc).__name__}: {exc}",
+                editor=editor.config.editor,
+                model=model_name,
+                seconds=(time.perf_counter() - start) / len(records),
+            )
+            for _ in records
+        ]
 
 
 def edit_summary(validation: Validation) -> EditSummary:

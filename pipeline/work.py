@@ -23,8 +23,6 @@ from schemas.record import Rejection
 
 M = TypeVar("M", bound=BaseModel)
 
-STAGES = ("gather", "annotate", "images", "assemble", "validate")
-
 
 class BuildExistsError(RuntimeError):
     """The output folder holds a different build."""
@@ -78,11 +76,11 @@ class WorkDir:
         """Done, with no deferred item left for a re-run to retry."""
         return self.is_done(stage, index) and not self.chunk_counts(stage, index).get("deferred")
 
-    def reopen_after(self, stage: str, index: int) -> None:
-        """Remove the markers of the stages after `stage` for this chunk: called before
-        `stage` rewrites the chunk, so a crash in between leaves them to be redone."""
-        for later in STAGES[STAGES.index(stage) + 1 :]:
-            self._chunk(later, index, "done.json").unlink(missing_ok=True)
+    def reopen(self, index: int, stages: Sequence[str]) -> None:
+        """Remove the chunk's markers of `stages`: called before an earlier stage rewrites
+        the chunk, so a crash in between leaves them to be redone."""
+        for stage in stages:
+            self._chunk(stage, index, "done.json").unlink(missing_ok=True)
 
     def marker_token(self, stage: str, index: int) -> str:
         """Identity of the chunk's current marker ("" when there is none): it changes each

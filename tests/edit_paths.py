@@ -88,3 +88,25 @@ def record_adapter() -> VLMAdapter:
     """A tiny random LLaVA whose vocabulary covers `make_record()` (one torch thread)."""
     torch.set_num_threads(1)
     return random_adapter("llava", record_corpus(make_record()))
+
+
+def flagworld_records(n: int) -> list[OkeditRecord]:
+    """The first `n` flagworld capital edits, built by the real gather, annotate, images and
+    assemble stages (offline annotator, rendered images)."""
+    from pipeline.assemble import build_records
+    from pipeline.images import RenderBackend
+    from pipeline.offline_annotator import FlagworldAnnotator
+    from pipeline.sources.flagworld import FlagworldSource
+    from schemas.record import Rejection
+
+    source = FlagworldSource(relations=("capital",))
+    items = [i for i in source.load_items(source.list_ids(n, 0)) if not isinstance(i, Rejection)]
+    annotations = [
+        a for a in FlagworldAnnotator(seed=0).annotate(items) if not isinstance(a, Rejection)
+    ]
+    by_id = {i.item_id: i for i in items}
+    images = RenderBackend(seed=0).make_images([(by_id[a.item_id], a) for a in annotations])
+    built, _ = build_records(
+        items, annotations, [i for i in images if not isinstance(i, Rejection)]
+    )
+    return built

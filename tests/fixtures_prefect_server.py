@@ -115,6 +115,12 @@ class PrefectServer:
     def start(self) -> None:
         env = self.env()
         del env["PREFECT_API_URL"]  # the server itself is not a client
+        # proactive automations (crash detection) evaluated every second, not every 5
+        env["PREFECT_SERVER_EVENTS_PROACTIVE_GRANULARITY"] = "PT1S"
+        # `prefect deployment run --watch` shows the run's logs (why it failed) only when the
+        # server streams them (docs/deploy.md §1)
+        env["PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED"] = "true"
+        env["PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED"] = "true"
         cmd = [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)]
         self.proc = start([*cmd, "--no-ui"], env, self.logs / "server.log")
         wait_for(self.healthy, 90, "the Prefect server")
@@ -132,6 +138,13 @@ class PrefectServer:
 
     def post(self, path: str, body: dict) -> httpx.Response:
         return httpx.post(f"{self.api_url}{path}", json=body, timeout=10)
+
+    def delete_automations(self, name: str) -> None:
+        """Remove the automations called `name` (what `okedit serve` and `prefect deploy`
+        set up), so that a test's short crash window never applies to later tests' runs."""
+        body = {"automations": {"name": {"any_": [name]}}}
+        for automation in self.post("/automations/filter", body).json():
+            httpx.delete(f"{self.api_url}/automations/{automation['id']}", timeout=10)
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run(

@@ -16,7 +16,8 @@ from tests.test_publish_hub import FakeHub
 @pytest.fixture(scope="module")
 def runs(prefect_api, tmp_path_factory):
     """Same parameters twice, then another seed, then the first parameters again; every
-    run pushes to a fake Hub (`me/ok`). Returns (root, [(summary, LATEST, hub calls)])."""
+    run pushes to a fake Hub (`me/ok`). Returns (root, [(summary, LATEST, hub calls, the
+    files on the Hub's main after the run)])."""
     import pipeline.publish
     from flows.build_okedit import build_okedit
 
@@ -39,14 +40,15 @@ def runs(prefect_api, tmp_path_factory):
                 repo_id="me/ok",
                 out_root=str(root),
             )
-            results.append((summary, work.read_latest(root), hub.calls[before:]))
+            main = dict(hub.branches["main"])
+            results.append((summary, work.read_latest(root), hub.calls[before:], main))
     finally:
         patch.undo()
     return root, results
 
 
 def test_same_parameters_twice_is_a_noop(runs):
-    root, [(first, latest1, calls1), (second, latest2, calls2), *_] = runs
+    root, [(first, latest1, calls1, _), (second, latest2, calls2, _), *_] = runs
     assert first["noop"] is False and second["noop"] is True
     assert "pushed to me/ok@v-" in second["noop_reason"]
     assert first["version"] == second["version"] == latest1 == latest2
@@ -62,7 +64,7 @@ def test_same_parameters_twice_is_a_noop(runs):
 
 
 def test_other_parameters_build_a_new_version_and_move_latest(runs):
-    root, [(first, *_), _, (third, latest3, calls3), _] = runs
+    root, [(first, *_), _, (third, latest3, calls3, _), _] = runs
     assert third["noop"] is False and third["version"] != first["version"]
     assert latest3 == third["version"]
     assert f"create_branch:v-{third['version']}" in calls3
@@ -74,10 +76,49 @@ def test_other_parameters_build_a_new_version_and_move_latest(runs):
 
 
 def test_first_parameters_again_are_a_noop_and_move_latest_back(runs):
-    root, [(first, *_), _, _, (fourth, latest4, calls4)] = runs
+    root, [(first, *_), _, _, (fourth, latest4, calls4, _)] = runs
     assert fourth["noop"] is True and fourth["version"] == first["version"]
     assert latest4 == first["version"] == (root / "LATEST").read_text().strip()
     assert calls4 == []
+
+
+def test_main_follows_each_verified_version(runs):
+    root, [(first, _, calls1, main1), (_, _, _, main2), (third, _, calls3, main3), *_] = runs
+    for summary, calls, main in ((first, calls1, main1), (third, calls3, main3)):
+        version = summary["version"]
+        # pushed to v-<version>, verified, then main = the same files
+        assert calls.index(f"create_branch:v-{version}") < calls.index("upload_folder:main")
+        assert summary["hub"]["main"].startswith("https://hub.test/commit/")
+        assert json.loads(main["manifest.json"])["fingerprint"] == version
+        assert main["data/train-00000-of-00001.parquet"] == (
+            root / version / "data" / "train-00000-of-00001.parquet"
+        ).read_bytes()
+        record = work.read_version_record(root / version)
+        assert record["hub"][-1]["main"] == summary["hub"]["main"]
+    assert main2 == main1  # the no-op moved nothing
+
+
+def test_main_stays_when_the_version_does_not_verify(prefect_api, tmp_path, monkeypatch):
+    import pipeline.publish
+    from flows.build_okedit import build_okedit
+
+    hub = FakeHub(corrupt="manifest.json")
+    hub.branches["main"] = {"README.md": b"the last verified build"}
+    monkeypatch.setattr(pipeline.publish, "default_hub_api", lambda: hub)
+    config = BuildConfig(
+        limit=2, chunk_size=2, cache_dir=tmp_path / "cache", validation={"enabled": False}
+    ).model_dump(mode="json")
+    config.pop("out")
+    state = build_okedit(
+        config=BuildConfig.model_validate(config),
+        repo_id="me/ok",
+        out_root=str(tmp_path / "builds"),
+        return_state=True,
+    )
+    assert state.is_failed() and "manifest.json" in state.message
+    assert hub.branches["main"] == {"README.md": b"the last verified build"}
+    assert "upload_folder:main" not in hub.calls
+    assert work.read_latest(tmp_path / "builds") is None
 
 
 def test_out_root_resolution(monkeypatch, tmp_path):

@@ -235,7 +235,7 @@ def test_filtered_items_are_counted_as_rejections(tmp_path) -> None:
     of the validate stage, in the summary, the manifest and rejected.jsonl."""
     import json
 
-    from pipeline.config import BuildConfig
+    from pipeline.config import BuildConfig, resolve
     from pipeline.stages import finalize
     from pipeline.work import WorkDir
     from schemas.record import CheckReason, ItemCheck, Validation
@@ -246,12 +246,17 @@ def test_filtered_items_are_counted_as_rejections(tmp_path) -> None:
         return make_record(item_id, validation=Validation(verdict="fail", check=check))
 
     records = [checked("a", "sound"), checked("b", "unsound"), checked("c", "model_gap")]
-    cfg = BuildConfig(out=tmp_path / "out", validation={"filter": "model-gap", "enabled": False})
+    cfg = BuildConfig(
+        out=tmp_path / "out",
+        limit=3,
+        chunk_size=3,
+        validation={"filter": "model-gap", "enabled": False},
+    )
     work = WorkDir(cfg.out)
     for stage in ("gather", "annotate", "images", "assemble"):
         work.write_chunk(stage, 0, [], [])
     work.write_chunk("validate", 0, records, [])
-    summary = finalize(cfg, n_chunks=1, n_in=3)
+    summary = finalize(resolve(cfg))
     assert summary["counts"] == {"in": 3, "published": 1, "rejected": 2}
     assert summary["stages"]["validate"] == {"ok": 1, "rejected": 2}
     lines = (cfg.out / "rejected.jsonl").read_text().splitlines()

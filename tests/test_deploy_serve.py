@@ -10,8 +10,12 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from typer.testing import CliRunner
 
+import flows.serve
+from flows.automations import AUTOMATION_NAME, MISSED_HEARTBEATS, crash_detection_step
 from flows.serve import DEPLOYMENT_NAME, POOL_DEPLOYMENT, serve_options
+from pipeline.cli import app
 from pipeline.config import TINY_MODEL
 from tests.fixtures_prefect_server import (  # noqa: F401 (pytest fixtures)
     PREFECT,
@@ -55,6 +59,40 @@ def test_serve_uses_prefect_yaml_definition_under_its_own_name():
     assert serve_options(no_schedule=True)["schedules"] == []
 
 
+def test_okedit_serve_passes_its_options(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(flows.serve, "serve", lambda **kwargs: seen.update(kwargs))
+    args = ["serve", "--no-schedule", "--out-root", "/data/builds", "--limit", "3"]
+    result = CliRunner().invoke(app, [*args, "--crash-after-s", "90"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert seen["no_schedule"] is True and seen["crash_after_s"] == 90
+    assert seen["parameters"] == {"limit": 3, "out_root": "/data/builds"}
+    assert serve_options(parameters=seen["parameters"])["parameters"]["out_root"] == "/data/builds"
+
+
+def test_prefect_yaml_sets_up_crash_detection():
+    """Heartbeats for the runs of both deployments, and the automation at `prefect deploy`."""
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    steps = [next(iter(step)) for step in spec["build"]]
+    assert steps == [f"{crash_detection_step.__module__}.{crash_detection_step.__name__}"]
+    for deployment in spec["deployments"]:
+        env = deployment["work_pool"]["job_variables"]["env"]
+        assert int(env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"]) >= 30  # Prefect's minimum
+
+
+def test_prefect_deploy_creates_the_crash_automation(prefect_server):
+    created = prefect_server.cli("work-pool", "create", "okedit", "--type", "process")
+    assert created.returncode == 0 or "already exists" in created.stdout, created.stdout
+    deployed = prefect_server.cli("deploy", "--name", POOL_DEPLOYMENT, timeout=240)
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    body = {"automations": {"name": {"any_": [AUTOMATION_NAME]}}}
+    [automation] = prefect_server.post("/automations/filter", body).json()
+    assert automation["trigger"]["within"] == MISSED_HEARTBEATS * 60
+    deployment = prefect_server.get(f"/deployments/name/build-okedit/{POOL_DEPLOYMENT}").json()
+    assert deployment["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "60"
+    prefect_server.delete_automations(AUTOMATION_NAME)
+
+
 @pytest.fixture()
 def served(prefect_server, tmp_path):
     """`okedit serve` against the test server; stopped (by PID) before the server."""
@@ -74,6 +112,7 @@ def served(prefect_server, tmp_path):
         yield proc
     finally:
         stop(proc)
+        prefect_server.delete_automations(AUTOMATION_NAME)  # serve created it
 
 
 def test_deployment_run_watch_completes(prefect_server, served, validation_model, tmp_path):

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.build import build_records
+from pipeline.assemble import build_records
 from pipeline.images import RenderBackend
 from pipeline.offline_annotator import FlagworldAnnotator
 from pipeline.sources.flagworld import FlagworldSource

@@ -11,6 +11,8 @@ defining the dataset. A field added later lands in one of the two lists or fails
 
 from __future__ import annotations
 
+import json
+import shutil
 import types
 import typing
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ import pipeline.config as build_config
 from editors.config import EditorConfig
 from pipeline.config import BuildConfig
 from pipeline.llm import LLMConfig
+from pipeline.tiny_model import default_model_dir
 
 # Top-level settings that define the published dataset: every field below them is in the
 # fingerprint unless declared in DECLARED_EXCLUSIONS.
@@ -68,8 +71,12 @@ DICT_SCHEMAS: dict[str, type[BaseModel]] = {
     "annotator.llm": LLMConfig,
     "validation.editor": EditorConfig,
 }
-# Values the generic generator below cannot guess (none needed today).
-EXTRA_VALUES: dict[str, list[Any]] = {}
+# Values the generic generator below cannot guess: the validation model must exist (its
+# family is read when the build is resolved), so another name of the shipped one.
+EXTRA_VALUES: dict[str, list[Any]] = {
+    "validation.model": [str(default_model_dir())],
+    "scale.shard_stages": [["images", "validate"]],
+}
 
 
 @dataclass(frozen=True)
@@ -118,7 +125,9 @@ def leaves(model: BaseModel, prefix: str = "") -> list[Leaf]:
 def _dict_base(path: str) -> BaseModel:
     """The model a DICT_SCHEMAS dict feeds, as a default build resolves it."""
     if path == "validation.editor":
-        return BuildConfig().validation.editor_settings()
+        from pipeline.config import resolve_validation
+
+        return resolve_validation(BuildConfig().validation).editor
     return DICT_SCHEMAS[path]()
 
 
@@ -193,11 +202,16 @@ DATASET_LEAVES = [leaf for leaf in ALL_LEAVES if leaf.path.split(".")[0] in DATA
 COVERED_ELSEWHERE = {
     # tests/test_text_locality.py: the file's contents, not its path, change the fingerprint
     "annotator.text_locality_file",
+    # the LLM annotator's knobs: tested below on an LLM build (the offline one never reads them)
+    *(f"annotator.{name}" for name in build_config.LLM_ANNOTATOR_KNOBS),
 }
+# Settings that give the same dataset by construction: batched validation equals one item at
+# a time (tests/test_batched_validation.py).
+SAME_RESULTS = {"validation.batch_items"}
 DEFINING = [
     leaf
     for leaf in DATASET_LEAVES
-    if leaf.path not in DECLARED_EXCLUSIONS and leaf.path not in COVERED_ELSEWHERE
+    if leaf.path not in DECLARED_EXCLUSIONS | SAME_RESULTS and leaf.path not in COVERED_ELSEWHERE
 ]
 NOT_DEFINING = [
     leaf for leaf in ALL_LEAVES if leaf not in DEFINING and leaf.path not in COVERED_ELSEWHERE
@@ -292,3 +306,35 @@ def test_the_fingerprint_is_stable_and_keeps_no_secret() -> None:
         == BuildConfig.model_validate_json(config.model_dump_json()).fingerprint()
     )
     assert secret not in repr(config.describe())
+
+
+LLM_BUILD = {"annotator": {"kind": "llm", "llm_base_url": "http://127.0.0.1:9/v1"}}
+
+
+@pytest.mark.parametrize("knob", sorted(build_config.LLM_ANNOTATOR_KNOBS - {"prompts_dir"}))
+def test_an_llm_annotator_knob_changes_an_llm_builds_fingerprint_only(knob: str) -> None:
+    """What the LLM is asked for defines an LLM build; an offline build never reads it."""
+    changed = {"annotator": {knob: 1}}
+    llm = BuildConfig.model_validate(LLM_BUILD)
+    llm_changed = BuildConfig.model_validate(
+        {"annotator": {**LLM_BUILD["annotator"], **changed["annotator"]}}
+    )
+    assert llm_changed.fingerprint() != llm.fingerprint()
+    assert BuildConfig.model_validate(changed).fingerprint() == BuildConfig().fingerprint()
+
+
+def test_the_prompts_enter_by_their_contents(tmp_path: Path) -> None:
+    from pipeline.annotate import PROMPTS_DIR
+
+    mine = tmp_path / "prompts"
+    shutil.copytree(PROMPTS_DIR, mine)
+    llm = BuildConfig.model_validate(LLM_BUILD)
+    copied = BuildConfig.model_validate(
+        {"annotator": {**LLM_BUILD["annotator"], "prompts_dir": str(mine)}}
+    )
+    before = copied.fingerprint()
+    assert before == llm.fingerprint()  # the same templates, elsewhere
+    assert str(mine) not in json.dumps(copied.describe())
+    template = sorted(mine.glob("*.yaml"))[0]
+    template.write_text(template.read_text() + "\n# edited\n")
+    assert copied.fingerprint() != before

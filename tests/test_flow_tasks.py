@@ -1,10 +1,12 @@
 """Task design of the build flow on a real (embedded) Prefect API: retries only for transient
-errors, chunk caching across runs that never outlives the output folder, small Prefect
-results, progress/table/markdown artifacts, and the Hub publish stage."""
+errors, resuming by the chunk markers alone (no Prefect result cache that could outlive the
+output folder), no Prefect results at all, progress/table/markdown artifacts, and the Hub
+publish stage."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 import time
@@ -21,7 +23,9 @@ from pipeline.config import BuildConfig
 from pipeline.stages import ConfigError
 from tests.test_publish_hub import FakeHub
 
-CHUNK_TASK_NAMES = {"gather", "annotate", "images", "assemble", "validate"}
+STAGE_NAMES = {"gather", "annotate", "images", "assemble", "validate"}
+# one task per chunk for the stages up to QC, one per chunk for validation
+CHUNK_RUN = re.compile(r"^(gather\.\.assemble|validate)-\d+$")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -94,7 +98,7 @@ def _task_runs(flow_run_id) -> list:
         runs = client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
         )
-    return [r for r in runs if r.task_key and r.name.split("-")[0] in CHUNK_TASK_NAMES]
+    return [r for r in runs if CHUNK_RUN.match(r.name)]
 
 
 def _artifacts(flow_run_id) -> dict[str, object]:
@@ -120,7 +124,8 @@ class FlakyHub(FakeHub):
 
 @pytest.fixture(scope="module")
 def runs(prefect_api, tmp_path_factory):
-    """Build, build again (cached), delete the folder, build again (nothing cached)."""
+    """Build, build again (resumed: every chunk finished), delete the folder, build again
+    (nothing to resume). Returns the chunk markers' modification times after each build."""
     import pipeline.publish
     from flows.build_okedit import build_okedit
 
@@ -133,54 +138,57 @@ def runs(prefect_api, tmp_path_factory):
         limit=4, chunk_size=2, out=out, validation={"enabled": False}, publish={"repo_id": "me/ok"}
     )
     started = time.time()
-    states = []
+    states, markers = [], []
     try:
         for fresh in (False, False, True):
             if fresh:
                 shutil.rmtree(out)
             states.append(build_okedit(config=cfg, return_state=True))
+            done = sorted((out / ".okedit").glob("*/*.done.json"))
+            markers.append({p.relative_to(out): p.stat().st_mtime_ns for p in done})
     finally:
         patch.undo()
-    return cfg, states, hub, started
+    return cfg, states, hub, started, markers
 
 
-def test_second_run_is_cached_and_a_new_folder_is_not(runs):
-    cfg, states, _, _ = runs
+def test_a_second_run_resumes_from_the_markers_and_a_new_folder_is_built(runs):
+    cfg, states, _, _, markers = runs
     summaries = [s.result() for s in states]
     assert summaries[0]["counts"] == summaries[1]["counts"] == summaries[2]["counts"]
     names = [Counter(r.state_name for r in _task_runs(s.state_details.flow_run_id)) for s in states]
-    n_tasks = 5 * 2  # five chunk stages, two chunks
-    assert names[0] == {"Completed": n_tasks}
-    assert names[1] == {"Cached": n_tasks}  # INPUTS + TASK_SOURCE hit across flow runs
-    # a deleted and rebuilt folder is a new build: a cache hit would skip writing its chunks
-    assert names[2] == {"Completed": n_tasks}
+    n_tasks = 2 * 2  # (gather..assemble, validate) x two chunks
+    assert names == [{"Completed": n_tasks}] * 3
+    assert len(markers[0]) == 5 * 2  # five stages, two chunks
+    assert markers[1] == markers[0]  # the second run found every chunk finished
+    # a deleted and rebuilt folder is a new build: every chunk written again
+    assert markers[2].keys() == markers[0].keys()
+    assert all(markers[2][k] > markers[0][k] for k in markers[0])
     assert (cfg.out / "manifest.json").exists()
 
 
 def test_prefect_results_hold_no_data(runs):
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
 
-    _, _, _, started = runs
+    _, _, _, started, _ = runs
     storage = Path(PREFECT_LOCAL_STORAGE_PATH.value())
     written = [p for p in storage.rglob("*") if p.is_file() and p.stat().st_mtime >= started - 1]
-    assert written, "the chunk tasks persist their (small) results for the cache"
-    assert max(p.stat().st_size for p in written) < 4096  # counts, never records or images
+    assert written == []  # records and images stay in the output folder; resuming needs none
 
 
 def test_artifacts(runs):
-    _, states, _, _ = runs
+    _, states, _, _, _ = runs
     found = _artifacts(states[0].state_details.flow_run_id)
     assert {"okedit-stage-counts", "okedit-summary", "okedit-validate-progress"} <= set(found)
     assert found["okedit-validate-progress"].type == "progress"
     assert float(found["okedit-validate-progress"].data) == 100.0
     assert found["okedit-annotate-progress"].data == 100.0
     stages = {row["stage"] for row in json.loads(found["okedit-stage-counts"].data)}
-    assert stages == CHUNK_TASK_NAMES
+    assert stages == STAGE_NAMES
     assert "https://hub.test/commit/abc" in found["okedit-summary"].data
 
 
 def test_publish_stage_retries_a_dropped_connection(runs):
-    _, states, hub, _ = runs
+    _, states, hub, _, _ = runs
     summary = states[0].result()
     assert summary["hub"]["commit_url"] == "https://hub.test/commit/abc"
     assert summary["hub"]["rows"] == summary["counts"]["published"]

@@ -22,7 +22,7 @@ from prefect import flow
 
 import pipeline.publish
 from flows import tasks
-from pipeline.config import BuildConfig
+from pipeline.config import BuildConfig, resolve
 from pipeline.publish import is_transient_hub_error
 from tests.test_publish_hub import FakeHub, make_build
 
@@ -175,7 +175,9 @@ def push(tmp_path, monkeypatch):
     """Runs the `publish-hub` task (no retry delay) in a flow against `url`; returns the
     task's final state, its result or exception, and the hub."""
     folder = make_build(tmp_path / "build")
-    cfg = BuildConfig(out=folder, validation={"enabled": False}, publish={"repo_id": REPO})
+    build = resolve(
+        BuildConfig(out=folder, validation={"enabled": False}, publish={"repo_id": REPO})
+    )
     task = tasks.publish_hub.with_options(retry_delay_seconds=0)
 
     def run(url: str) -> tuple[bool, object, ServerHub]:
@@ -187,14 +189,12 @@ def push(tmp_path, monkeypatch):
         outcome = {}
 
         @flow
-        def push_flow(config_json: str) -> bool:
-            state = task(config_json, return_state=True)
+        def push_flow() -> bool:
+            state = task(build, return_state=True)
             outcome["value"] = state.result(raise_on_failure=False)
             return state.is_completed()
 
-        completed = push_flow(cfg.model_dump_json(), return_state=True).result(
-            raise_on_failure=False
-        )
+        completed = push_flow(return_state=True).result(raise_on_failure=False)
         return completed is True, outcome["value"], hub
 
     return run

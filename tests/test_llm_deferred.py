@@ -27,7 +27,7 @@ def test_transient_failures_are_deferred_and_retried_by_a_rerun(tmp_path: Path) 
         fault_for_schema("TargetOut", "refusal", times=1),  # a real rejection stays one
     )
     with llm_server(faults=faults, retry_after_ms=2) as server:
-        first = annotator(server.url, tmp_path)
+        first = annotator(server.url, tmp_path, concurrency=1)  # one order: one outcome
         results = first.annotate(items)
         deferred = [r for r in results if isinstance(r, Rejection) and r.deferred]
         rejected = [r for r in results if isinstance(r, Rejection) and not r.deferred]

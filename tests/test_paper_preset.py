@@ -22,9 +22,9 @@ from editors.adapters.base import ImageLike
 from editors.adapters.random_models import random_adapter
 from editors.base import EditOutcome
 from editors.config import EditorConfig, differences_from_authors, is_authors_settings
-from pipeline.build import build_records
+from pipeline.assemble import build_records
 from pipeline.cli import app
-from pipeline.config import BuildConfig, ValidateSettings
+from pipeline.config import BuildConfig, ValidateSettings, resolve_validation
 from pipeline.images import RenderBackend
 from pipeline.offline_annotator import FlagworldAnnotator
 from pipeline.revalidate import read_folder
@@ -77,7 +77,7 @@ def test_paper_config_is_the_authors_settings(family: str) -> None:
 
 
 def test_differences_name_every_changed_setting() -> None:
-    rows = ValidateSettings().differences_from_authors()
+    rows = resolve_validation(ValidateSettings()).differences_from_authors()
     assert all(set(row) == {"setting", "this build", "authors' code"} for row in rows)
     settings = {row["setting"] for row in rows}
     expected = {"wrapped module", "routing key", "radius α", "radius negative", "learning rate"}
@@ -91,8 +91,8 @@ def test_differences_name_every_changed_setting() -> None:
 
 def test_validate_settings_resolve_the_paper_preset(tmp_path: Path) -> None:
     paper = ValidateSettings(editor_preset="paper")
-    assert paper.family() == "llava"
-    config = paper.editor_settings()
+    assert resolve_validation(paper).family() == "llava"
+    config = resolve_validation(paper).editor
     assert (config.preset, config.alpha, config.key_variant, config.edit_eos, config.lr) == (
         "paper",
         0.25,
@@ -101,7 +101,8 @@ def test_validate_settings_resolve_the_paper_preset(tmp_path: Path) -> None:
         1e-4,
     )
     overridden = ValidateSettings(editor_preset="paper", editor={"alpha": 0.5, "steps": 3})
-    assert (overridden.editor_settings().alpha, overridden.editor_settings().steps) == (0.5, 3)
+    resolved = resolve_validation(overridden).editor
+    assert (resolved.alpha, resolved.steps) == (0.5, 3)
     with pytest.raises(ValidationError, match="paper preset"):
         ValidateSettings(editor_preset="paper", editor={"editor": "grace"})
     built = BuildConfig(validation={"editor_preset": "paper"})
@@ -109,9 +110,9 @@ def test_validate_settings_resolve_the_paper_preset(tmp_path: Path) -> None:
     assert built.describe()["validation"]["resolved_editor"]["preset"] == "paper"
     # BLIP-2 reads the raw question without BOS under the paper preset only
     (tmp_path / "okedit.json").write_text(json.dumps({"family": "blip2"}))
-    blip2 = ValidateSettings(model=str(tmp_path), editor_preset="paper").model_settings()
+    blip2 = resolve_validation(ValidateSettings(model=str(tmp_path), editor_preset="paper")).model
     assert (blip2.prompt_template, blip2.text_bos) == ("{image}{question}", False)
-    default = ValidateSettings(model=str(tmp_path)).model_settings()
+    default = resolve_validation(ValidateSettings(model=str(tmp_path))).model
     assert (default.prompt_template, default.text_bos) == (None, True)
 
 
@@ -184,8 +185,9 @@ def flag_record() -> OkeditRecord:
 def test_flagworld_key_and_radius_equal_the_authors_computation(flag_record) -> None:
     torch.set_num_threads(1)
     settings = ValidateSettings(editor_preset="paper", editor={"generate_answers": False})
-    adapter = load_model(settings.model_settings())
-    outcome, stored = edit(adapter, settings.editor_settings(), flag_record)
+    resolved = resolve_validation(settings)
+    adapter = load_model(resolved.model)
+    outcome, stored = edit(adapter, resolved.editor, flag_record)
 
     # The plain LLaVA with its own processor: "<image> {question}" (okedit.json) + " " + answer.
     processor = LlavaProcessor.from_pretrained(default_model_dir(), local_files_only=True)
@@ -228,9 +230,10 @@ def blip2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_blip2_key_and_radius_equal_the_authors_computation(blip2_dir: Path) -> None:
     settings = ValidateSettings(model=str(blip2_dir), device="cpu", editor_preset="paper")
-    adapter = load_model(settings.model_settings())
+    resolved = resolve_validation(settings)
+    adapter = load_model(resolved.model)
     record = make_record()
-    outcome, stored = edit(adapter, settings.editor_settings(), record)
+    outcome, stored = edit(adapter, resolved.editor, record)
     assert outcome.path == "fast"
 
     # The authors' BLIP-2 sequence: the query tokens, then "question answer" tokenized without

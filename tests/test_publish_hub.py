@@ -20,6 +20,7 @@ from pipeline.publish import (
     HubPublishError,
     file_hashes,
     is_transient_hub_error,
+    move_main,
     publish_local,
     push_to_hub,
 )
@@ -36,55 +37,77 @@ def _lfs_pointer(data: bytes) -> bytes:
 
 
 class FakeHub:
-    """Keeps uploaded files in memory, the way the Hub would, and logs each call. Paths info
-    comes back as huggingface_hub's own `RepoFile`s with the hashes of the bytes stored:
-    `lfs.sha256` for LFS files (whose `blob_id` is the pointer's), `blob_id` (git sha1)
-    for the others."""
+    """Keeps uploaded files in memory per branch, the way the Hub would, and logs each call.
+    Paths info comes back as huggingface_hub's own `RepoFile`s with the hashes of the bytes
+    stored: `lfs.sha256` for LFS files (whose `blob_id` is the pointer's), `blob_id` (git
+    sha1) for the others. A new branch starts as a copy of `main`, as on the Hub."""
 
     def __init__(self, drop: str | None = None, corrupt: str | None = None) -> None:
-        self.files: dict[str, bytes] = {}
+        self.branches: dict[str, dict[str, bytes]] = {"main": {}}
+        self.last = "main"  # the branch written last: what `files` shows
         self.calls: list[str] = []
         self.paths_info_batches: list[list[str]] = []
         self.drop = drop  # a file the fake "loses", to exercise verification
         self.corrupt = corrupt  # a file whose bytes change on the way
 
-    def _store(self, path: str, data: bytes) -> None:
+    @property
+    def files(self) -> dict[str, bytes]:
+        return self.branches[self.last]
+
+    def _branch(self, revision: str | None) -> dict[str, bytes]:
+        name = revision or "main"
+        if name not in self.branches:
+            request = httpx2.Request("POST", f"https://hub.test/api/commit/{name}")
+            response = httpx2.Response(404, request=request)
+            raise hf_errors.RevisionNotFoundError(f"{name} does not exist", response=response)
+        self.last = name
+        return self.branches[name]
+
+    def _store(self, files: dict[str, bytes], path: str, data: bytes) -> None:
         if path == self.drop:
             return
         if path == self.corrupt:
             data = data[:-1] + bytes([data[-1] ^ 0x01])
-        self.files[path] = data
+        files[path] = data
 
     def create_repo(self, repo_id, **kwargs):
         self.calls.append("create_repo")
 
     def create_branch(self, repo_id, **kwargs):
         self.calls.append(f"create_branch:{kwargs['branch']}")
+        self.branches.setdefault(kwargs["branch"], dict(self.branches["main"]))
 
     def upload_folder(self, *, folder_path, allow_patterns, delete_patterns, **kwargs):
-        self.calls.append("upload_folder")
-        for stale in [p for p in self.files if Path(p).match(delete_patterns[0])]:
-            del self.files[stale]
+        revision = kwargs.get("revision")
+        self.calls.append("upload_folder" + (":main" if revision == "main" else ""))
+        files = self._branch(revision)
         root = Path(folder_path)
-        for pattern in allow_patterns:
-            for path in root.glob(pattern):
-                if path.is_file():
-                    self._store(path.relative_to(root).as_posix(), path.read_bytes())
+        uploads = {
+            path.relative_to(root).as_posix(): path
+            for pattern in allow_patterns
+            for path in root.glob(pattern)
+            if path.is_file()
+        }
+        for stale in [p for p in files if p not in uploads]:  # as upload_folder deletes
+            if any(Path(stale).match(pattern) for pattern in delete_patterns):
+                del files[stale]
+        for name, path in uploads.items():
+            self._store(files, name, path.read_bytes())
+        return _commit(revision)
 
     def upload_file(self, *, path_or_fileobj, path_in_repo, **kwargs):
         self.calls.append(f"upload_file:{path_in_repo}")
-        self._store(path_in_repo, Path(path_or_fileobj).read_bytes())
-        return type("Commit", (), {"commit_url": "https://hub.test/commit/abc"})()
-
-    def list_repo_files(self, repo_id, **kwargs):
-        return list(self.files)
+        files = self._branch(kwargs.get("revision"))
+        self._store(files, path_in_repo, Path(path_or_fileobj).read_bytes())
+        return _commit(kwargs.get("revision"), "abc")
 
     def get_paths_info(self, repo_id, paths, **kwargs):
         self.paths_info_batches.append(list(paths))
-        return [self.repo_file(p) for p in paths if p in self.files]
+        files = self.branches[kwargs.get("revision") or "main"]
+        return [self.repo_file(p, files) for p in paths if p in files]
 
-    def repo_file(self, path: str) -> RepoFile:
-        data = self.files[path]
+    def repo_file(self, path: str, files: dict[str, bytes] | None = None) -> RepoFile:
+        data = (self.files if files is None else files)[path]
         if Path(path).suffix in LFS_SUFFIXES:
             pointer = _lfs_pointer(data)
             lfs = {"size": len(data), "oid": hashlib.sha256(data).hexdigest()}
@@ -95,6 +118,11 @@ class FakeHub:
                 lfs={**lfs, "pointerSize": len(pointer)},
             )
         return RepoFile(path=path, size=len(data), oid=git_hash(data))
+
+
+def _commit(revision: str | None, sha: str | None = None) -> object:
+    url = f"https://hub.test/commit/{sha or (revision or 'main') + '-head'}"
+    return type("Commit", (), {"commit_url": url})()
 
 
 def make_build(out: Path) -> Path:
@@ -136,6 +164,15 @@ def test_push_data_then_card_and_verify(folder, monkeypatch):
     assert any(i.lfs for i in infos) and any(i.lfs is None for i in infos)
 
 
+def test_a_version_branch_holds_this_build_only(folder):
+    """A new branch starts as a copy of main; what an earlier build left there goes."""
+    hub = FakeHub()
+    old = {"data/train-00000-of-00003.parquet": b"x", "easyedit/images/zz.png": b"y"}
+    hub.branches["main"] = {**old, ".gitattributes": b"*.parquet filter=lfs"}
+    push_to_hub(folder, "me/okedit", revision="v-2", api=hub)
+    assert not set(old) & set(hub.branches["v-2"]) and ".gitattributes" in hub.branches["v-2"]
+
+
 def test_verification_asks_for_every_file_in_batches(folder, monkeypatch):
     monkeypatch.setattr(pipeline.publish, "PATHS_INFO_BATCH", 2)
     hub = FakeHub()
@@ -166,6 +203,40 @@ def test_a_corrupted_upload_fails_the_push_and_names_the_file(folder, path):
     assert path in str(failed.value)
     assert len(hub.files[path]) == (folder / path).stat().st_size  # same size, other bytes
     assert str(failed.value).count(": sha256") + str(failed.value).count(": git blob") == 1
+
+
+def test_main_moves_to_the_verified_revision_and_drops_what_it_lacks(folder):
+    hub = FakeHub()
+    hub.branches["main"] = {"data/train-00000-of-00003.parquet": b"old", "README.md": b"old"}
+    push_to_hub(folder, "me/okedit", revision="v-1", api=hub)
+    assert hub.branches["main"]["README.md"] == b"old"  # the push alone leaves main alone
+    asked_before = len(hub.paths_info_batches)
+    result = move_main(folder, "me/okedit", "v-1", api=hub)
+    assert hub.calls[-1] == "upload_folder:main"
+    assert hub.branches["main"] == hub.branches["v-1"]  # the old shard and card are gone
+    assert result["revision"] == "main" and result["from_revision"] == "v-1"
+    assert result["verified"] == result["files"] == len(hub.branches["main"])
+    # v-1 verified again before main moved, main verified after
+    asked = hub.paths_info_batches[asked_before:]
+    assert len(asked) == 2 and sorted(asked[0]) == sorted(asked[1]) == sorted(hub.files)
+
+
+def test_main_is_not_moved_to_a_revision_that_does_not_verify(folder):
+    hub = FakeHub()
+    hub.branches["main"] = {"README.md": b"old"}
+    push_to_hub(folder, "me/okedit", revision="v-1", api=hub)
+    hub.branches["v-1"]["manifest.json"] += b" "  # changed after the push
+    with pytest.raises(HubPublishError, match="manifest.json"):
+        move_main(folder, "me/okedit", "v-1", api=hub)
+    assert "upload_folder:main" not in hub.calls and hub.branches["main"] == {"README.md": b"old"}
+
+
+def test_a_main_that_lands_wrong_fails(folder):
+    hub = FakeHub()
+    push_to_hub(folder, "me/okedit", revision="v-1", api=hub)
+    hub.corrupt = "checks.parquet"  # only the upload to main is damaged
+    with pytest.raises(HubPublishError, match="checks.parquet"):
+        move_main(folder, "me/okedit", "v-1", api=hub)
 
 
 def test_file_hashes_match_git_and_sha256(tmp_path):

@@ -15,9 +15,9 @@ from datasets import load_dataset
 from PIL import Image, ImageDraw
 
 import pipeline.publish as publish
-from pipeline.config import BuildConfig, ValidateSettings
+from pipeline.config import BuildConfig, ValidateSettings, resolve_validation
 from pipeline.offline_annotator import FlagworldAnnotator
-from pipeline.publish import describe_for_manifest, publish_local, resolved_validation
+from pipeline.publish import describe_for_manifest, publish_local
 from pipeline.revalidate import read_folder, revalidate_folder
 from schemas.easyedit import EASYEDIT_FIELDS
 from schemas.features import OKEDIT_FEATURES
@@ -87,7 +87,11 @@ def build_settings() -> ValidateSettings:
 
 def publish_build(records: list[OkeditRecord], out: Path) -> None:
     publish_local(
-        records, [], out, manifest_for(len(records), 0), resolved_validation(build_settings())
+        records,
+        [],
+        out,
+        manifest_for(len(records), 0),
+        resolve_validation(build_settings()).summary(),
     )
 
 

@@ -1,6 +1,6 @@
-"""Scale-out: two process workers (one per "GPU") validate two shards of a flagworld build as
-`validate-okedit-shard` flow runs; the parent run merges them into the same dataset as an
-unsharded build."""
+"""Scale-out: two process workers (one per "GPU") make the images and validate two shards
+each of a flagworld build as `validate-okedit-shard` flow runs; the parent run goes on from
+their chunks to the same dataset as an unsharded build."""
 
 # ruff: noqa: F811 (pytest fixtures imported from tests.fixtures_prefect_server)
 from __future__ import annotations
@@ -70,20 +70,29 @@ def test_two_workers_validate_two_shards(
     ref_cfg, ref_summary = reference_build
     deployment = f"{FLOW_NAME}/{DEPLOYMENT_NAME}"
     scale = {"validate_deployment": deployment, "shards": 2, "poll_s": 1.0}
+    scale["shard_stages"] = ["images", "validate"]
     cfg = small_config(tmp_path / "okedit", validation_model)
     cfg = cfg.model_copy(update={"scale": cfg.scale.model_validate(scale)})
 
     summary = run_build(prefect_server, cfg, tmp_path / "parent.log")
 
     shards = summary["shards"]
-    assert sorted(s["shard"] for s in shards) == [0, 1]
-    assert sorted(c for s in shards for c in s["chunks"]) == list(range(6))
+    assert sorted((s["stage"], s["shard"]) for s in shards) == [
+        ("images", 0),
+        ("images", 1),
+        ("validate", 0),
+        ("validate", 1),
+    ]
+    for stage in ("images", "validate"):
+        chunks = [c for s in shards if s["stage"] == stage for c in s["chunks"]]
+        assert sorted(chunks) == list(range(6))
     for shard in shards:
         run = prefect_server.get(f"/flow_runs/{shard['flow_run_id']}").json()
         assert run["state"]["type"] == "COMPLETED"
         assert run["work_pool_name"] == POOL and run["infrastructure_pid"]
     # one shard per worker ("GPU"): each worker runs one flow run at a time (--limit 1)
-    assert sorted(s["device"] for s in shards) == ["0", "1"]
+    for stage in ("images", "validate"):
+        assert sorted(s["device"] for s in shards if s["stage"] == stage) == ["0", "1"]
     # merged output == the unsharded build (the fingerprint ignores the scale settings)
     assert summary["counts"] == ref_summary["counts"]
     assert dataset_rows(cfg.out) == dataset_rows(ref_cfg.out)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from pipeline.annotate import LLMAnnotator, make_annotator
-from pipeline.build import assemble_record
+from pipeline.assemble import assemble_record
 from pipeline.config import AnnotatorSettings, BuildConfig
 from schemas.record import Annotation, ItemImages
 from tests.fixtures_servers import llm_server, okedit_responder, schema_name

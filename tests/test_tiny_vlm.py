@@ -195,7 +195,7 @@ def test_validation_measures_the_image_free_locality_probe():
     negative probe, and reports its top-1 agreement as `image_free_locality`."""
     from editors.adapters import load_model
     from editors.config import EditorConfig, ModelConfig
-    from pipeline.build import build_records
+    from pipeline.assemble import build_records
     from pipeline.images import RenderBackend
     from pipeline.offline_annotator import FlagworldAnnotator
     from pipeline.scope import make_editor, validate_record

@@ -7,8 +7,8 @@ import torch
 
 from editors.adapters import VLMAdapter, load_model
 from editors.metrics import normalize_answer
-from pipeline.build import build_records
-from pipeline.config import ValidateSettings
+from pipeline.assemble import build_records
+from pipeline.config import ValidateSettings, resolve_validation
 from pipeline.images import RenderBackend
 from pipeline.offline_annotator import FlagworldAnnotator
 from pipeline.scope import make_editor, validate_record
@@ -41,12 +41,12 @@ def records() -> list[OkeditRecord]:
 @pytest.fixture(scope="module")
 def tiny() -> VLMAdapter:
     torch.set_num_threads(1)
-    return load_model(ValidateSettings().model_settings())
+    return load_model(resolve_validation(ValidateSettings()).model)
 
 
 def test_default_validation_edits_and_answers(records, tiny) -> None:
     settings = ValidateSettings()
-    config = settings.editor_settings()
+    config = resolve_validation(settings).editor
     assert (config.key_variant, config.preset, config.lr, config.edit_eos) == (
         "last_prompt",
         "tiny-flagworld",
@@ -71,7 +71,7 @@ def test_reference_key_is_ambiguous_only_across_families(records, tiny) -> None:
     """The paper's mean-pooled key puts other questions about the edit image nearer than a
     re-rendered flag (design §9): judged across families every item is ambiguous."""
     settings = ValidateSettings(editor={"key_variant": "reference", "ambiguity": "all"})
-    editor = make_editor(tiny, settings.editor_settings())
+    editor = make_editor(tiny, resolve_validation(settings).editor)
     for record in records:
         validation = validate_record(record, editor)
         assert validation.verdict == "ambiguous"
@@ -85,9 +85,9 @@ def test_without_the_stop_token_edited_answers_repeat(tiny) -> None:
     hamburg, EC and VE -> sao paulo)."""
     records = _records(["flagworld-UA-capital", "flagworld-EC-capital", "flagworld-FR-capital"])
     settings = ValidateSettings(editor={"edit_eos": False})
-    editor = make_editor(tiny, settings.editor_settings())
+    editor = make_editor(tiny, resolve_validation(settings).editor)
     answers = [validate_record(r, editor).probes[0].post_answer for r in records]
-    stopping = ValidateSettings().editor_settings()
+    stopping = resolve_validation(ValidateSettings()).editor
     editor = make_editor(tiny, stopping)
     stopped = [validate_record(r, editor).probes[0].post_answer for r in records]
     assert [normalize_answer(s) for s in stopped] == [normalize_answer(r.target) for r in records]
@@ -130,7 +130,9 @@ def test_decoded_answers_equal_row_by_row_generation(records, tiny) -> None:
         "slow": {"fast": False},
         "over budget": {"decode_kv_gb": 0.0},
     }.items():
-        editor = make_editor(tiny, ValidateSettings(editor=editor_settings).editor_settings())
+        editor = make_editor(
+            tiny, resolve_validation(ValidateSettings(editor=editor_settings)).editor
+        )
         answers[name] = [
             [(p.pre_answer, p.post_answer) for p in validate_record(r, editor).probes]
             for r in records[:3]

@@ -549,12 +549,14 @@ class VLMAdapter:
             shift[plain] = _position_shift(record.get("positions"), sub)
             if kv:
                 kv.put(plain, _kv_of(cache))
-        for rows, prefix in groups:
-            head, tail, group_kv = self._group_records(batch, module_path, features, rows, prefix)
+        for bundle, prefix in _bundles(batch, groups):
+            head, tail, group_kv = self._group_records(batch, module_path, features, bundle, prefix)
+            rows = [r for group in bundle for r in group]
+            owner = [g for g, group in enumerate(bundle) for _ in group]  # row -> its head
             for name in ("x", "resid", "final"):
-                put(name, rows, 0, head[name].expand(len(rows), -1, -1))
+                put(name, rows, 0, head[name][owner])
                 put(name, rows, prefix, tail[name])
-            shift[rows] = head["shift"]
+            shift[rows] = head["shift"].to(shift.device)[owner]
             if kv:
                 kv.put(rows, group_kv)
         if kv is None:
@@ -562,31 +564,40 @@ class VLMAdapter:
         return Capture(out["x"], out["resid"], [], out["final"], kv.layers, shift)
 
     def _group_records(
-        self, batch: Batch, module_path: str, features: list[Tensor], rows: list[int], prefix: int
+        self,
+        batch: Batch,
+        module_path: str,
+        features: list[Tensor],
+        groups: list[list[int]],
+        prefix: int,
     ) -> tuple[dict[str, Any], dict[str, Any], list[tuple[Tensor, Tensor]]]:
-        """Records of a group's shared prefix (one row, with its image) and of its rows'
-        suffixes (the text model alone, on the prefix's KV cache repeated over the rows),
-        and the rows' KV cache."""
-        head = self.select(batch, rows[:1])
+        """Records of the groups' shared prefixes, all `prefix` tokens long (one row per group,
+        with its image, in one batch) and of their rows' suffixes (the text model alone, each
+        row on its group's prefix KV cache; one batch), and the rows' KV cache."""
+        firsts = [rows[0] for rows in groups]
+        head = self.select(batch, firsts)
         ids, mask = head.input_ids[:, :prefix], head.attention_mask[:, :prefix]
         head = replace(head, input_ids=ids, attention_mask=mask, extra=self.extra_inputs(ids, mask))
         body = self.text_model()
         kwargs = self._cache_kwargs(body)
         cache = _cache_in(kwargs)
-        head_features = _sub_features(batch, rows[:1], features)
+        head_features = _sub_features(batch, firsts, features)
         head_record = self._recorded(
             module_path, lambda: self._forward(head, head_features, **kwargs)
         )
-        cache.batch_repeat_interleave(len(rows))
+        rows = [r for group in groups for r in group]
+        owner = torch.tensor([g for g, group in enumerate(groups) for _ in group])
+        cache.batch_select_indices(owner.to(ids.device))
         width = int(batch.attention_mask[rows].sum(dim=1).max())
         mask = batch.attention_mask[rows, :width]  # (a copy: list indexing)
         mask[:, :prefix] = 1
         ids = batch.input_ids[rows, prefix:width]
-        head_record["shift"] = _prefix_shift(head_record["positions"], prefix)
+        head_record["shift"] = _prefix_shift(head_record["positions"], prefix, len(groups))
         if head_record["positions"] is not None:  # the model gave explicit positions
             # (Qwen2-VL's M-RoPE): the suffixes' text tokens continue after the prefix's.
-            at = torch.arange(prefix, width, device=ids.device) + head_record["shift"]
-            kwargs = {**kwargs, "position_ids": at.expand(len(rows), -1)}
+            at = torch.arange(prefix, width, device=ids.device).unsqueeze(0)
+            shift = head_record["shift"].to(ids.device)[owner.to(ids.device)].unsqueeze(1)
+            kwargs = {**kwargs, "position_ids": at + shift}
         tail_record = self._recorded(
             module_path,
             lambda: body(input_ids=ids, attention_mask=mask, **kwargs).last_hidden_state,
@@ -777,11 +788,33 @@ def _position_shift(position_ids: Tensor | None, batch: Batch) -> Tensor:
     return _axes(position_ids)[:, rows, batch.last_prompt].amax(dim=0) + 1 - lengths
 
 
-def _prefix_shift(position_ids: Tensor | None, prefix: int) -> int:
-    """The same for a one-row prefix of `prefix` tokens."""
+def _prefix_shift(position_ids: Tensor | None, prefix: int, rows: int) -> Tensor:
+    """The same for `rows` prefixes of `prefix` tokens each, (rows,)."""
     if position_ids is None:
-        return 0
-    return int(_axes(position_ids)[:, 0, prefix - 1].max()) + 1 - prefix
+        return torch.zeros(rows, dtype=torch.long)
+    return _axes(position_ids)[:, :, prefix - 1].amax(dim=0) + 1 - prefix
+
+
+def _bundles(
+    batch: Batch, groups: list[tuple[list[int], int]]
+) -> list[tuple[list[list[int]], int]]:
+    """Prefix groups bundled to run together: (groups, common prefix length). A bundle's
+    prefixes are cut to its shortest one, which must still hold every member's image (the
+    suffixes run through the text model alone); so the groups of several items (other images,
+    other questions) share one prefix forward and one suffix forward. Groups whose image ends
+    later go to the next bundle."""
+    ends = {}
+    for rows, _ in groups:
+        image = batch.image_mask[rows].any(dim=0).nonzero()
+        ends[rows[0]] = int(image.max()) + 1 if len(image) else 0
+    bundles = []
+    left = sorted(groups, key=lambda group: group[1])
+    while left:
+        prefix = left[0][1]
+        bundle = [(rows, p) for rows, p in left if ends[rows[0]] <= prefix]
+        bundles.append(([rows for rows, _ in bundle], prefix))
+        left = [(rows, p) for rows, p in left if ends[rows[0]] > prefix]
+    return bundles
 
 
 def _cache_in(kwargs: dict[str, Any]) -> Any:

@@ -1,4 +1,5 @@
-"""Build: join each item's source, annotation and images into an `OkeditRecord`, then QC."""
+"""Assemble (the QC stage): join each item's source, annotation and images into an
+`OkeditRecord`, then run QC (`pipeline.quality`)."""
 
 from __future__ import annotations
 
