@@ -18,10 +18,11 @@ slot, so the next scheduled build waits for it forever. Prefect's answer is two 
 at every start): `okedit serve` calls it, `prefect deploy` runs it as prefect.yaml's build
 step, and `python -m flows.automations` does it by hand.
 
-A graceful stop (`GracefulStop`): a SIGTERM to a deployment run (the serve or worker process
-stopping, or systemd/Kubernetes stopping them all) lets the chunks in flight finish, starts
-no other, and schedules a new run of the same deployment and parameters, which the next
-serve or worker process picks up and which resumes from the finished chunks.
+A graceful stop (`GracefulStop`): a SIGTERM to a deployment run's process (from `okedit
+serve` stopping, from `kill`, or from systemd stopping the whole unit; a Prefect 3.9 worker
+that stops sends SIGKILL instead, see docs/deploy.md §6) lets the chunks in flight finish,
+starts no other, and schedules a new run of the same deployment and parameters, which the
+next serve or worker process picks up and which resumes from the finished chunks.
 """
 
 from __future__ import annotations
@@ -178,9 +179,9 @@ class GracefulStop:
             else "run the deployment again with the same parameters to resume it"
         )
         return (
-            "stopped by SIGTERM (its serve or worker process is stopping) after the chunks "
-            f"in flight; finished chunks are kept, and {then} when a serve or worker "
-            "process runs again"
+            "stopped by SIGTERM (its serve process stopping, or a kill) after the chunks in "
+            f"flight; finished chunks are kept, and {then} when a serve or worker process "
+            "runs again"
         )
 
 

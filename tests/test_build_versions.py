@@ -90,9 +90,10 @@ def test_main_follows_each_verified_version(runs):
         assert calls.index(f"create_branch:v-{version}") < calls.index("upload_folder:main")
         assert summary["hub"]["main"].startswith("https://hub.test/commit/")
         assert json.loads(main["manifest.json"])["fingerprint"] == version
-        assert main["data/train-00000-of-00001.parquet"] == (
-            root / version / "data" / "train-00000-of-00001.parquet"
-        ).read_bytes()
+        assert (
+            main["data/train-00000-of-00001.parquet"]
+            == (root / version / "data" / "train-00000-of-00001.parquet").read_bytes()
+        )
         record = work.read_version_record(root / version)
         assert record["hub"][-1]["main"] == summary["hub"]["main"]
     assert main2 == main1  # the no-op moved nothing
