@@ -83,13 +83,49 @@ class StageBars:
                 self.artifacts[name].update(done)
 
 
-def _wait(futures: list, bars: StageBars, stage_names: Sequence[str]) -> list:
-    """The futures' results, refreshing the bars while they run."""
-    pending = list(futures)
+class Estimate:
+    """The build plan's time estimate, refined by the first chunk each stage does in this
+    run (`pipeline.plan.refine_from_chunk`) and logged, so that a long build says early how
+    long it will really take."""
+
+    def __init__(self, build: ResolvedBuild) -> None:
+        from pipeline.plan import plan_for_config
+
+        self.build, self.done = build, set()
+        try:
+            self.plan = plan_for_config(build.config)
+        except ValueError:  # no plan for this build (e.g. an unknown split size)
+            self.plan = None
+
+    def chunk_done(self, report: dict[str, dict], index: int) -> None:
+        from pipeline.plan import duration, refine_from_chunk
+
+        todo = {k: v for k, v in report.items() if k not in self.done}
+        if self.plan is None or not todo:
+            return
+        items = len(stages.chunk_ids(self.build)[index])
+        self.plan, refined = refine_from_chunk(self.plan, todo, items)
+        if refined:
+            self.done.update(refined)
+            per_stage = ", ".join(f"{s} {duration(self.plan.stage(s).seconds)}" for s in refined)
+            get_run_logger().info(
+                "estimate refined on this run's first chunk: %s; whole build %s",
+                per_stage,
+                duration(self.plan.seconds),
+            )
+
+
+def _wait(futures: list, bars: StageBars, stage_names: Sequence[str], estimate: Estimate) -> list:
+    """The futures' results, refreshing the bars and the estimate while they run."""
+    pending, seen = list(futures), set()
     while pending:
         _, not_done = wait(pending, timeout=POLL_S)
         pending = list(not_done)
         bars.refresh(stage_names)
+        for index, future in enumerate(futures):
+            if index not in seen and future.state.is_completed():
+                seen.add(index)
+                estimate.chunk_done(future.result(), index)
     return [f.result() for f in futures]
 
 
@@ -389,7 +425,7 @@ def _build(build: ResolvedBuild, resumed: bool) -> dict:
     with tasks.ArtifactSender() as artifacts:
         # 2 redraws a second, not rich's 10 (each costs CPU)
         with Progress(refresh_per_second=2) as progress:
-            bars = StageBars(build, progress, artifacts)
+            bars, estimate = StageBars(build, progress, artifacts), Estimate(build)
             for placement, names in stage_groups(build):
                 if placement == "shards":
                     started = time.time()
@@ -400,9 +436,10 @@ def _build(build: ResolvedBuild, resumed: bool) -> dict:
                     for index in range(n_chunks):
                         reports.append(tasks.run_stages(build, names, index))
                         bars.refresh(names)
+                        estimate.chunk_done(reports[-1], index)
                 else:
                     futures = [tasks.run_stages.submit(build, names, i) for i in range(n_chunks)]
-                    reports += _wait(futures, bars, names)
+                    reports += _wait(futures, bars, names, estimate)
         summary = tasks.publish_local(build, stages.stage_seconds(reports))
         if build.config.publish.repo_id:
             summary["hub"] = tasks.publish_hub(build)

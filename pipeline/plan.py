@@ -583,6 +583,20 @@ def refine(
     return _totals(new)
 
 
+def refine_from_chunk(
+    build_plan: BuildPlan, report: dict[str, dict[str, Any]], items: int
+) -> tuple[BuildPlan, list[str]]:
+    """`build_plan` with the estimate of every stage that did work on this chunk of `items`
+    items (a `pipeline.stages.run_chunk_stages` report) replaced by the chunk's rate;
+    returns the new plan and the stages it refined."""
+    refined = []
+    for stage, ran in report.items():
+        if ran.get("ran") and items > 0 and stage in {s.stage for s in build_plan.stages}:
+            build_plan = refine(build_plan, stage, ran["end"] - ran["start"], items)
+            refined.append(stage)
+    return build_plan, refined
+
+
 def estimate_vs_actual(build_plan: BuildPlan, manifest: dict[str, Any]) -> list[dict[str, Any]]:
     """Rows {stage, quantity, estimate, actual, ratio} (ratio = actual / estimate) for the
     manifest and the card. Reads `manifest["stage_seconds"]` ({stage: wall seconds}, to be

@@ -370,13 +370,16 @@ def run_chunk(build: ResolvedBuild, stage_name: str, index: int) -> dict[str, in
 def run_chunk_stages(
     build: ResolvedBuild, stage_names: Sequence[str], index: int
 ) -> dict[str, dict]:
-    """`run_chunk` for several stages of one chunk, in order: per stage its counts and when
-    it ran in this process (`start`, `end`: `time.time()`; equal for a skipped chunk)."""
+    """`run_chunk` for several stages of one chunk, in order: per stage its counts, when it
+    ran in this process (`start`, `end`: `time.time()`) and whether it did any work (`ran`:
+    False for a chunk an earlier run finished)."""
+    work = WorkDir(build.out)
     report = {}
     for name in stage_names:
+        ran = not work.is_final(name, index)
         start = time.time()
         counts = run_chunk(build, name, index)
-        report[name] = {"counts": counts, "start": start, "end": time.time()}
+        report[name] = {"counts": counts, "start": start, "end": time.time(), "ran": ran}
     return report
 
 

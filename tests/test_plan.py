@@ -304,3 +304,17 @@ def _annotator_config(cfg: BuildConfig) -> Any:
     from pipeline.annotate import annotator_config
 
     return annotator_config(cfg)
+
+
+def test_a_chunk_refines_the_stages_it_did_and_no_other() -> None:
+    from pipeline.plan import refine_from_chunk
+
+    p = plan(okvqa_full_build(), N_VAL)
+    report = {
+        "gather": {"start": 0.0, "end": 0.0, "ran": False},  # finished by an earlier run
+        "annotate": {"start": 10.0, "end": 58.0, "ran": True},
+    }
+    refined, stages = refine_from_chunk(p, report, items=16)
+    assert stages == ["annotate"]
+    assert refined.stage("annotate").seconds == pytest.approx(48.0 / 16 * N_VAL)
+    assert refined.stage("gather").seconds == p.stage("gather").seconds
