@@ -19,6 +19,7 @@ issue 7; keys are (B, P, H) tensors throughout, and the codebook routes by all p
 
 from __future__ import annotations
 
+import functools
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -267,20 +268,26 @@ class Editor(ABC):
         rows, pos, targets = self.training_targets(batch)
         token_rows, device = rows.tolist(), targets.device
 
+        @functools.cache
+        def selection(active: tuple[bool, ...]) -> tuple[Tensor, Tensor, Tensor]:
+            """(route, trained tokens, active edits) for the edits still training; built on
+            the host once per set, so a step copies nothing to the device."""
+            entries = [p.index if on else -1 for p, on in zip(placements, active, strict=True)]
+            keep = [t for t, r in enumerate(token_rows) if active[r]]
+            moved = torch.tensor([*entries, *keep, *_true(list(active))], device=device)
+            route, tokens, edits = moved.split([len(entries), len(keep), sum(active)])
+            return route, tokens, edits
+
         def losses(active: list[bool]) -> Tensor:
             # A finished edit routes nowhere: its entry leaves the graph and gets no gradient.
-            # (Indices built on the host: no device sync beyond the loss values.)
-            entries = [p.index if on else -1 for p, on in zip(placements, active, strict=True)]
-            route = torch.tensor(entries, device=device)
-            keep = torch.tensor([t for t, r in enumerate(token_rows) if active[r]], device=device)
+            route, keep, edits = selection(tuple(active))
             r, p = rows[keep], pos[keep]
             if capture is not None:
                 logits = self.tail_logits(capture, batch, route, r, p)
             else:
                 with self.applied(batch, force=route):
                     logits = self.adapter.logits(batch)[r, p]
-            each = _losses(logits, targets[keep], r, len(placements))
-            return each[torch.tensor(_true(active), device=device)]
+            return _losses(logits, targets[keep], r, len(placements))[edits]
 
         return self._optimize([p.index for p in placements], losses)
 
@@ -291,8 +298,8 @@ class Editor(ABC):
         by side on the sum of their losses: edit i's loss depends on its own entry alone, so
         each entry gets exactly its own gradient, and Adam updates each parameter on its own.
         An edit whose loss falls below `target_loss_stop` stops there (no further step)."""
-        params = [t for entry in entries for t in self.trainable(entry)]
-        optimizer = _adam(params, self.config.lr, self.config.adam_eps)
+        params = [self.trainable(entry) for entry in entries]
+        optimizer = _adam([t for own in params for t in own], self.config.lr, self.config.adam_eps)
         active = [True] * len(entries)  # edits still training
         history: list[list[float]] = [[] for _ in entries]
         stop = self.config.target_loss_stop
@@ -305,10 +312,14 @@ class Editor(ABC):
             if not any(going):
                 break
             optimizer.zero_grad(set_to_none=True)
-            loss[torch.tensor(_true(going), device=loss.device)].sum().backward()
-            optimizer.step()
+            trained = loss if all(going) else loss[torch.tensor(_true(going), device=loss.device)]
+            trained.sum().backward()
             for i, keep in zip(_true(active), going, strict=True):
                 active[i] = keep
+                if not keep:  # its zero gradient would still move it (Adam's momentum)
+                    for t in params[i]:
+                        t.grad = None
+            optimizer.step()
         return history
 
     # ----------------------------------------------------------------- keys
@@ -522,12 +533,13 @@ def _losses(logits: Tensor, targets: Tensor, rows: Tensor, edits: int) -> Tensor
 def routed_positions(entry_of: Tensor) -> dict[int, Tensor]:
     """Flat indices of the inputs routed to each entry (entry_of: each input's entry, -1 for
     none), read with one device sync for all entries."""
-    flat = entry_of.reshape(-1).tolist()
     by_entry: dict[int, list[int]] = {}
-    for i, entry in enumerate(flat):
+    for i, entry in enumerate(entry_of.reshape(-1).tolist()):
         if entry >= 0:
             by_entry.setdefault(entry, []).append(i)
-    return {e: torch.tensor(at, device=entry_of.device) for e, at in by_entry.items()}
+    flat = [i for at in by_entry.values() for i in at]
+    moved = torch.tensor(flat, device=entry_of.device)  # one copy to the device for all
+    return dict(zip(by_entry, moved.split([len(at) for at in by_entry.values()]), strict=True))
 
 
 def _true(flags: list[bool]) -> list[int]:

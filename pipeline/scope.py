@@ -26,6 +26,11 @@ negative; OKEDIT records have no separate field for it, so one of `text_negative
 `EditorConfig.train_text_negative`) becomes the `train_text_neg` probe and is left out of the
 evaluated `text_negative` probes. For a multi-part key, `ProbeResult.distance` is the relative
 distance max_p d_p / ε_p (routed iff ≤ 1) and `Validation.epsilon` is 1.
+
+Several items may be validated together (`validate_items`, issue 17): their probes share the
+clean forwards, their edits train side by side (each in its own codebook group, which routes
+only that item's probes) and their answers decode in one batch, with the same results as one
+item at a time.
 """
 
 from __future__ import annotations

@@ -91,8 +91,15 @@ def record_adapter() -> VLMAdapter:
 
 
 def flagworld_records(n: int) -> list[OkeditRecord]:
-    """The first `n` flagworld capital edits, built by the real gather, annotate, images and
-    assemble stages (offline annotator, rendered images)."""
+    """The first `n` flagworld capital edits (see `flagworld_records_for`)."""
+    from pipeline.sources.flagworld import FlagworldSource
+
+    return flagworld_records_for(FlagworldSource(relations=("capital",)).list_ids(n, 0))
+
+
+def flagworld_records_for(ids: list[str]) -> list[OkeditRecord]:
+    """These flagworld capital edits, built by the real gather, annotate, images and assemble
+    stages (offline annotator, rendered images)."""
     from pipeline.assemble import build_records
     from pipeline.images import RenderBackend
     from pipeline.offline_annotator import FlagworldAnnotator
@@ -100,7 +107,7 @@ def flagworld_records(n: int) -> list[OkeditRecord]:
     from schemas.record import Rejection
 
     source = FlagworldSource(relations=("capital",))
-    items = [i for i in source.load_items(source.list_ids(n, 0)) if not isinstance(i, Rejection)]
+    items = [i for i in source.load_items(ids) if not isinstance(i, Rejection)]
     annotations = [
         a for a in FlagworldAnnotator(seed=0).annotate(items) if not isinstance(a, Rejection)
     ]

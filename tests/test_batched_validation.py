@@ -220,6 +220,29 @@ def test_joint_run_equals_single_runs_in_every_family(
         assert (a.pre_answers, a.post_answers) == (b.pre_answers, b.post_answers)
 
 
+@pytest.mark.parametrize("family", ["blip2", "llava"])
+def test_an_edit_that_stops_early_leaves_the_others_training(
+    adapters: dict[str, VLMAdapter], family: str
+) -> None:
+    """With `target_loss_stop` the two edits stop at different steps (measured: steps 3 and 4
+    on BLIP-2, 8 and 11 on LLaVA); side by side each stops where it stops alone."""
+    config = EditorConfig(lr=1e-2, steps=20, edit_eos=True, target_loss_stop=3.0)
+    ed = make_editor(adapters[family], config)
+    items = _family_items()
+    singles = []
+    for item in items:
+        singles.extend(run_items(ed, [item]))
+        ed.restore()
+    joint = run_items(ed, items)
+    ed.restore()
+    lengths = [len(run.outcome.losses) for run in singles]
+    assert lengths[0] != lengths[1] and max(lengths) < config.steps
+    for a, b in zip(singles, joint, strict=True):
+        assert a.outcome.losses == pytest.approx(b.outcome.losses, rel=REL, abs=1e-6)
+        for x, y in zip(a.post, b.post, strict=True):
+            torch.testing.assert_close(x, y, rtol=REL, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bundled_prefixes_equal_the_plain_forward(
     adapters: dict[str, VLMAdapter], family: str

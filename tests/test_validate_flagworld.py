@@ -7,35 +7,18 @@ import torch
 
 from editors.adapters import VLMAdapter, load_model
 from editors.metrics import normalize_answer
-from pipeline.assemble import build_records
 from pipeline.config import ValidateSettings, resolve_validation
-from pipeline.images import RenderBackend
-from pipeline.offline_annotator import FlagworldAnnotator
 from pipeline.scope import make_editor, validate_record
 from pipeline.sources.flagworld import FlagworldSource
-from schemas.record import OkeditRecord, Rejection
+from schemas.record import OkeditRecord
+from tests.edit_paths import flagworld_records_for
 
 N_ITEMS = 6
 
 
-def _records(ids: list[str]) -> list[OkeditRecord]:
-    source = FlagworldSource(relations=("capital",))
-    items = [i for i in source.load_items(ids) if not isinstance(i, Rejection)]
-    annotations = [
-        a for a in FlagworldAnnotator(seed=0).annotate(items) if not isinstance(a, Rejection)
-    ]
-    by_id = {i.item_id: i for i in items}
-    images = RenderBackend(seed=0).make_images([(by_id[a.item_id], a) for a in annotations])
-    built, _ = build_records(
-        items, annotations, [i for i in images if not isinstance(i, Rejection)]
-    )
-    assert len(built) == len(ids)
-    return built
-
-
 @pytest.fixture(scope="module")
 def records() -> list[OkeditRecord]:
-    return _records(FlagworldSource(relations=("capital",)).list_ids(N_ITEMS, 0))
+    return flagworld_records_for(FlagworldSource(relations=("capital",)).list_ids(N_ITEMS, 0))
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +66,9 @@ def test_without_the_stop_token_edited_answers_repeat(tiny) -> None:
     producing the target (measured: 30 % of 20 capital edits with the first tiny VLM; 3 of
     the 46 with the flagworld-2 model, which learnt to stop after multi-word answers: UA ->
     hamburg, EC and VE -> sao paulo)."""
-    records = _records(["flagworld-UA-capital", "flagworld-EC-capital", "flagworld-FR-capital"])
+    records = flagworld_records_for(
+        ["flagworld-UA-capital", "flagworld-EC-capital", "flagworld-FR-capital"]
+    )
     settings = ValidateSettings(editor={"edit_eos": False})
     editor = make_editor(tiny, resolve_validation(settings).editor)
     answers = [validate_record(r, editor).probes[0].post_answer for r in records]
