@@ -60,7 +60,7 @@ def build_direct(cfg: BuildConfig) -> dict:
         with ThreadPoolExecutor(max_workers=8) as pool:  # the flow's ThreadPoolTaskRunner(8)
             reports = list(pool.map(lambda i: stages.run_chunk_stages(build, prepare, i), indices))
         reports += [stages.run_chunk_stages(build, ["validate"], i) for i in indices]
-        return stages.finalize(build, stages.stage_seconds(reports))
+        return stages.finalize(build, reports)
 
 
 def build_flow(cfg: BuildConfig) -> dict:

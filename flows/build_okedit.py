@@ -440,7 +440,7 @@ def _build(build: ResolvedBuild, resumed: bool) -> dict:
                 else:
                     futures = [tasks.run_stages.submit(build, names, i) for i in range(n_chunks)]
                     reports += _wait(futures, bars, names, estimate)
-        summary = tasks.publish_local(build, stages.stage_seconds(reports))
+        summary = tasks.publish_local(build, reports)
         if build.config.publish.repo_id:
             summary["hub"] = tasks.publish_hub(build)
         if shards:

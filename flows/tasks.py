@@ -92,8 +92,8 @@ def run_stages(build: ResolvedBuild, stage_names: list[str], index: int) -> dict
 
 
 @task(name="publish-local", cache_policy=NO_CACHE, persist_result=False)
-def publish_local(build: ResolvedBuild, stage_seconds: dict[str, float] | None = None) -> dict:
-    return stages.finalize(build, stage_seconds)
+def publish_local(build: ResolvedBuild, reports: list[dict[str, dict]] | None = None) -> dict:
+    return stages.finalize(build, reports)
 
 
 def retry_hub_transient(task_: Any, task_run: Any, state: Any) -> bool:

@@ -419,9 +419,10 @@ def collect(
     return records, rejected, stage_counts
 
 
-def finalize(build: ResolvedBuild, stage_seconds: dict[str, float] | None = None) -> dict:
+def finalize(build: ResolvedBuild, reports: list[dict[str, dict]] | None = None) -> dict:
     """Publish the local folder; returns the summary (in = published + rejected, + deferred
-    when items wait for a re-run: those are listed in rejected.jsonl with `deferred: true`)."""
+    when items wait for a re-run: those are listed in rejected.jsonl with `deferred: true`).
+    `reports` (`run_chunk_stages`'s, of this run) time the stages for the manifest."""
     from pipeline.check import filter_by_check
     from pipeline.plan import resolved_image_model
     from pipeline.publish import publish_local
@@ -456,8 +457,11 @@ def finalize(build: ResolvedBuild, stage_seconds: dict[str, float] | None = None
 
         manifest["llm"] = llm_usage(cfg)
     manifest["image_model"] = resolved_image_model(cfg)
-    if stage_seconds:  # this run's wall time per stage, against the plan's estimate
-        manifest["stage_seconds"] = stage_seconds
+    if reports:  # this run's wall time, per stage and in all, against the plan's estimate
+        manifest["stage_seconds"] = stage_seconds(reports)
+        spans = [(r["start"], r["end"]) for chunk in reports for r in chunk.values()]
+        wall = max(end for _, end in spans) - min(start for start, _ in spans)
+        manifest["build_seconds"] = round(wall, 3)
         manifest["estimate_vs_actual"] = plan_rows(cfg, manifest)
     validation = build.validation.summary() if build.validation else None
     paths = publish_local(records, rejected, cfg.out, manifest, validation)

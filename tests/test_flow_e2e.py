@@ -168,4 +168,6 @@ def test_manifest_and_card_hold_estimate_against_actual(built):
     validate = rows[("validate", "seconds")]
     assert validate["estimate"] > 0 and validate["actual"] == manifest["stage_seconds"]["validate"]
     assert rows[("validate", "edits")]["actual"] == manifest["stages"]["validate"]["ok"]
+    # the run's wall time, not the sum of stages that overlap across chunk tasks
+    assert rows[("total", "seconds")]["actual"] == manifest["build_seconds"] > 0
     assert "## Estimate vs actual" in (cfg.out / "README.md").read_text()
