@@ -161,6 +161,21 @@ def flag(colours: list[str], seed: int, size: int = 96) -> bytes:
     return out.getvalue()
 
 
+def bench_adapter(model: str) -> Any:
+    """The random model of `MODELS[model]` (its shapes, seed 0)."""
+    from editors.adapters.random_models import random_adapter
+
+    spec = MODELS[model]
+    return random_adapter(
+        spec["family"],
+        corpus(),
+        seed=0,
+        text_overrides=spec["text_overrides"],
+        vision_overrides=spec["vision_overrides"],
+        config_overrides=spec["config_overrides"],
+    )
+
+
 def make_records(n: int, seed: int = 0) -> list[Any]:
     """OKEDIT-shaped items: 10 rephrases, 10 image rephrases, a near-miss locality image,
     a training near-miss, 2 text negatives."""
@@ -305,20 +320,12 @@ def run_path(
     import torch
 
     torch.set_num_threads(threads)
-    from editors.adapters.random_models import random_adapter
     from editors.config import EditorConfig
     from pipeline.scope import make_editor, validate_record
 
     spec = MODELS[model]
     start = time.perf_counter()
-    adapter = random_adapter(
-        spec["family"],
-        corpus(),
-        seed=0,
-        text_overrides=spec["text_overrides"],
-        vision_overrides=spec["vision_overrides"],
-        config_overrides=spec["config_overrides"],
-    )
+    adapter = bench_adapter(model)
     build_s = time.perf_counter() - start
     records = make_records(items)
     config = EditorConfig.for_model(spec["preset"], fast=fast, generate_answers=generate)
@@ -364,20 +371,12 @@ def run_batched(
     import torch
 
     torch.set_num_threads(threads)
-    from editors.adapters.random_models import random_adapter
     from editors.config import EditorConfig, ModelConfig
     from pipeline.check import CheckConfig
     from pipeline.validate import validate_records
 
     spec = MODELS[model]
-    adapter = random_adapter(
-        spec["family"],
-        corpus(),
-        seed=0,
-        text_overrides=spec["text_overrides"],
-        vision_overrides=spec["vision_overrides"],
-        config_overrides=spec["config_overrides"],
-    )
+    adapter = bench_adapter(model)
     config = EditorConfig.for_model(spec["preset"], generate_answers=generate)
     records = make_records(items)
     check = CheckConfig(text_similarity=False)

@@ -333,7 +333,7 @@ def run_build(config: BuildConfig) -> dict:
         return build_okedit(config=config)
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     """Process ids of every descendant of `pid` (Linux /proc; empty elsewhere)."""
     parents: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -361,7 +361,7 @@ def stop_children(grace_s: float = 2.0) -> None:
     from prefect.server.api.server import SubprocessASGIServer
 
     servers = list(SubprocessASGIServer._instances.values())
-    pids = _descendants(os.getpid())
+    pids = descendants(os.getpid())
     for pid in pids:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGTERM)

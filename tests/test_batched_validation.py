@@ -19,7 +19,7 @@ import torch
 
 from editors.adapters import VLMAdapter, load_model
 from editors.adapters.base import _bundles
-from editors.base import EditRequest, Prompt
+from editors.base import Editor, EditRequest, Prompt
 from editors.config import EditorConfig, ModelConfig
 from pipeline.scope import Probe, make_editor, run_items, validate_items
 from pipeline.validate import validate_records
@@ -202,12 +202,7 @@ def test_joint_run_equals_single_runs_in_every_family(
     ed = make_editor(adapter, config)
     items = _family_items()
     with overridden(adapter, prefix_min_saved=1 if shared else 10**9):
-        singles = []
-        for item in items:
-            singles.extend(run_items(ed, [item]))
-            ed.restore()
-        joint = run_items(ed, items)
-        ed.restore()
+        singles, joint = singles_and_joint(ed, items)
     for a, b in zip(singles, joint, strict=True):
         assert a.outcome.losses == pytest.approx(b.outcome.losses, rel=REL, abs=1e-6)
         assert [r.epsilon for r in a.outcome.radii] == pytest.approx(
@@ -220,6 +215,17 @@ def test_joint_run_equals_single_runs_in_every_family(
         assert (a.pre_answers, a.post_answers) == (b.pre_answers, b.post_answers)
 
 
+def singles_and_joint(ed: Editor, items: list) -> tuple[list, list]:
+    """Each item's run alone, then all of them side by side (the editor restored after each)."""
+    singles = []
+    for item in items:
+        singles.extend(run_items(ed, [item]))
+        ed.restore()
+    joint = run_items(ed, items)
+    ed.restore()
+    return singles, joint
+
+
 @pytest.mark.parametrize("family", ["blip2", "llava"])
 def test_an_edit_that_stops_early_leaves_the_others_training(
     adapters: dict[str, VLMAdapter], family: str
@@ -229,12 +235,7 @@ def test_an_edit_that_stops_early_leaves_the_others_training(
     config = EditorConfig(lr=1e-2, steps=20, edit_eos=True, target_loss_stop=3.0)
     ed = make_editor(adapters[family], config)
     items = _family_items()
-    singles = []
-    for item in items:
-        singles.extend(run_items(ed, [item]))
-        ed.restore()
-    joint = run_items(ed, items)
-    ed.restore()
+    singles, joint = singles_and_joint(ed, items)
     lengths = [len(run.outcome.losses) for run in singles]
     assert lengths[0] != lengths[1] and max(lengths) < config.steps
     for a, b in zip(singles, joint, strict=True):

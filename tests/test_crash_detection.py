@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from flows.automations import AUTOMATION_NAME
+from flows.build_okedit import descendants
 from flows.serve import DEPLOYMENT_NAME
 from tests.fixtures_prefect_server import (  # noqa: F401 (pytest fixtures)
     SMALL_CHUNK,
@@ -47,21 +48,6 @@ CRASH_AFTER_S = 35  # a little more than one heartbeat interval
 def _no_crash_window_left_behind(prefect_server) -> Iterator[None]:
     yield
     prefect_server.delete_automations(AUTOMATION_NAME)
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (the flow-run process and its supervisor), from /proc."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError):
-            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-    found, frontier = [], [pid]
-    while frontier:
-        below = frontier.pop()
-        kids = [p for p, parent in parents.items() if parent == below]
-        found += kids
-        frontier += kids
-    return found
 
 
 @contextlib.contextmanager
