@@ -559,6 +559,9 @@ def validate_cmd(
     editor_preset: Annotated[str, typer.Option(help=PRESET_HELP)] = "default",
     item_filter: Annotated[str, typer.Option("--filter", help=FILTER_HELP)] = "none",
     filter_scope: Annotated[bool, typer.Option("--filter-scope", help=FILTER_SCOPE_HELP)] = False,
+    validate_batch: Annotated[
+        int, typer.Option(min=1, help="items edited and probed together (same results)")
+    ] = 1,
     out: Annotated[Optional[Path], typer.Option(help="write here (default: in place)")] = None,  # noqa: UP045
 ) -> None:
     """Re-validate an existing dataset folder with BalancEdit and refresh its card."""
@@ -574,6 +577,7 @@ def validate_cmd(
             filter_mode=filter_mode(item_filter, filter_scope),
             editor=overrides,
             editor_preset=editor_preset,
+            batch_items=validate_batch,
         )
     except (FileNotFoundError, ValueError) as exc:
         _fail(_friendly(exc))

@@ -68,9 +68,11 @@ def revalidate_folder(
     filter_mode: FilterMode = "none",
     editor: dict | None = None,
     editor_preset: str = "default",
+    batch_items: int = 1,
 ) -> dict:
-    """Validate every published record again, drop what `filter_mode` drops, publish to `out`
-    (in place when `out` is `folder`); returns the summary (in = published + rejected)."""
+    """Validate every published record again (`batch_items` at a time: the same results),
+    drop what `filter_mode` drops, publish to `out` (in place when `out` is `folder`);
+    returns the summary (in = published + rejected)."""
     from pipeline.validate import validate_records
 
     records, rejected, manifest = read_folder(folder)
@@ -84,7 +86,11 @@ def revalidate_folder(
     validation = resolve_validation(settings)
     if records:  # no model load for an empty folder
         records = validate_records(
-            records, validation.editor, validation.model, check=settings.check
+            records,
+            validation.editor,
+            validation.model,
+            check=settings.check,
+            batch_items=batch_items,
         )
     records, dropped = filter_by_check(records, settings.filter)
     rejected += dropped

@@ -134,10 +134,20 @@ class PrefectServer:
             return False
 
     def get(self, path: str) -> httpx.Response:
-        return httpx.get(f"{self.api_url}{path}", timeout=10)
+        return self._request("GET", path)
 
     def post(self, path: str, body: dict) -> httpx.Response:
-        return httpx.post(f"{self.api_url}{path}", json=body, timeout=10)
+        return self._request("POST", path, json=body)
+
+    def _request(self, method: str, path: str, **kwargs: object) -> httpx.Response:
+        """A request to the test server, asked again while it answers 503: its SQLite
+        database is busy when several flow runs write at once on a loaded machine."""
+        for attempt in range(5):
+            response = httpx.request(method, f"{self.api_url}{path}", timeout=10, **kwargs)
+            if response.status_code != 503:
+                break
+            time.sleep(0.5 * 2**attempt)
+        return response
 
     def delete_automations(self, name: str) -> None:
         """Remove the automations called `name` (what `okedit serve` and `prefect deploy`

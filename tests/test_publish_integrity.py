@@ -103,7 +103,9 @@ def fake_validate(monkeypatch):
 
     statuses: dict[str, str] = {}
 
-    def validate(records, config, model_config, model=None, show_progress=True, check=None):
+    def validate(
+        records, config, model_config, model=None, show_progress=True, check=None, batch_items=1
+    ):
         return [
             r.model_copy(
                 update={
