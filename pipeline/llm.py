@@ -303,6 +303,21 @@ class CachedResponse:
     created_at: str
 
 
+def use_wal(conn: sqlite3.Connection, tries: int = 8) -> None:
+    """Switch the database to write-ahead logging (readers and one writer at once, across
+    the build's processes). The switch takes an exclusive lock that SQLite does not wait
+    for: when two processes open a new database at once, one is told "database is locked",
+    so it asks again."""
+    for attempt in range(tries):
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == tries - 1:
+                raise
+            time.sleep(0.02 * 2**attempt)
+
+
 class RequestCache:
     """SQLite table request-hash -> raw completion JSON; safe across threads and processes."""
 
@@ -312,7 +327,7 @@ class RequestCache:
         self._lock = threading.Lock()
         self._conn = sqlite3.connect(str(path), timeout=30.0, check_same_thread=False)
         with self._lock:
-            self._conn.execute("PRAGMA journal_mode=WAL")
+            use_wal(self._conn)
             self._conn.execute("PRAGMA synchronous=NORMAL")  # survives a killed process
             self._conn.execute(
                 "CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, model TEXT, "
@@ -444,7 +459,7 @@ class Ledger:
         )
         with self._lock:
             if self.shared:
-                self._conn.execute("PRAGMA journal_mode=WAL")
+                use_wal(self._conn)
             self._conn.execute("PRAGMA synchronous=NORMAL")
             for statement in _LEDGER_SCHEMA:
                 self._conn.execute(statement)
@@ -487,24 +502,32 @@ class Ledger:
     # ---- budget
 
     def reserve(self, build: str, usd: float, budget: float | None, ttl_s: float) -> int | None:
-        """Hold `usd` (a worst case) for one request or batch; raises `BudgetExceededError`
-        when spent + held + `usd` would pass `budget`. None when there is no budget."""
+        """Hold `usd` (a worst case) for one request or batch. While the holds of requests in
+        flight leave no room but the money spent would, wait for them to settle (they
+        usually cost less than their worst case); raise `BudgetExceededError` once spent +
+        `usd` would pass `budget`. None when there is no budget."""
         if budget is None:
             return None
-        now = time.time()
-        with self._tx() as conn:
-            self._purge(conn, "budget_holds", now)
-            spent = self._spent(conn, build)
-            held = conn.execute(
-                "SELECT COALESCE(SUM(usd), 0) FROM budget_holds WHERE build = ?", (build,)
-            ).fetchone()[0]
-            if spent + held + usd > budget:
-                raise BudgetExceededError(spent, budget, reserved_usd=float(held))
-            cursor = conn.execute(
-                "INSERT INTO budget_holds (build, usd, host, pid, expires) VALUES (?, ?, ?, ?, ?)",
-                (build, usd, HOST, os.getpid(), now + ttl_s),
-            )
-            return cursor.lastrowid
+        delay = 0.02
+        while True:
+            now = time.time()
+            with self._tx() as conn:
+                self._purge(conn, "budget_holds", now)
+                spent = self._spent(conn, build)
+                held = conn.execute(
+                    "SELECT COALESCE(SUM(usd), 0) FROM budget_holds WHERE build = ?", (build,)
+                ).fetchone()[0]
+                if spent + usd > budget:
+                    raise BudgetExceededError(spent, budget, reserved_usd=float(held))
+                if spent + held + usd <= budget:
+                    cursor = conn.execute(
+                        "INSERT INTO budget_holds (build, usd, host, pid, expires) "
+                        "VALUES (?, ?, ?, ?, ?)",
+                        (build, usd, HOST, os.getpid(), now + ttl_s),
+                    )
+                    return cursor.lastrowid
+            time.sleep(delay)  # outside the transaction: the holders settle meanwhile
+            delay = min(delay * 2, 0.2)
 
     def settle(self, build: str, hold: int | None, rows: list[UsageRow]) -> None:
         """Release a hold and write what the request(s) really cost, in one transaction."""

@@ -170,3 +170,49 @@ def test_a_killed_process_does_not_keep_its_slots(tmp_path: Path) -> None:
 def _hold_slot_and_die(db: str) -> None:
     Ledger(db).acquire_slot("b", 1, ttl_s=600)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_reservation_waits_for_holds_that_leave_room_once_settled(tmp_path: Path) -> None:
+    """Holds are worst cases: while the money spent still leaves room, a new request waits
+    for the requests in flight to settle instead of stopping the build with the budget
+    unspent; once the spent money leaves no room, it is refused at once."""
+    import threading
+
+    from pipeline.llm import UsageRow
+
+    ledger = Ledger(tmp_path / "llm.sqlite")
+    held = ledger.reserve("b", 0.8, budget=1.0, ttl_s=600)  # a request in flight, worst case
+    settled = threading.Timer(
+        0.3, ledger.settle, ("b", held, [UsageRow("request", "ok", cost_usd=0.3)])
+    )
+    settled.start()
+    start = time.monotonic()
+    second = ledger.reserve("b", 0.5, budget=1.0, ttl_s=600)  # 0.8 + 0.5 > 1, 0.3 + 0.5 <= 1
+    waited = time.monotonic() - start
+    settled.join()
+    assert second is not None and waited >= 0.25  # it waited for the settlement
+    with pytest.raises(BudgetExceededError):  # 0.3 spent + 0.8 > 1: no waiting helps
+        ledger.reserve("b", 0.8, budget=1.0, ttl_s=600)
+
+
+def test_opening_a_new_database_asks_again_while_another_process_switches_it() -> None:
+    """Two processes of a build opening a fresh request database at once: SQLite does not
+    wait for the exclusive lock of the switch to WAL, so the loser asks again."""
+    import sqlite3
+
+    from pipeline.llm import use_wal
+
+    class Contended:
+        def __init__(self, locked: int) -> None:
+            self.locked, self.calls = locked, 0
+
+        def execute(self, sql: str) -> None:
+            self.calls += 1
+            if self.calls <= self.locked:
+                raise sqlite3.OperationalError("database is locked")
+
+    conn = Contended(locked=2)
+    use_wal(conn)  # type: ignore[arg-type]
+    assert conn.calls == 3
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        use_wal(Contended(locked=99), tries=3)  # type: ignore[arg-type]
