@@ -305,6 +305,33 @@ def llm_section(llm: dict | None, items_in: int) -> str:
     return "## Annotation cost\n\n" + table + "\n"
 
 
+def images_section(usage: dict | None) -> str:
+    """What the image generation did and cost, per backend (requests, images, cache hits,
+    list-price cost); nothing for the offline flagworld renderer alone."""
+    backends = (usage or {}).get("backends") or {}
+    if not backends or set(backends) == {"render"}:
+        return ""
+    rows = []
+    for name, counts in backends.items():
+        cost = counts.get("cost_usd")
+        rows.append(
+            {
+                "backend": name,
+                "requests": counts.get("requests", 0),
+                "images": counts.get("images", 0),
+                "cache hits": counts.get("cache_hits", 0),
+                "cost": "-" if cost is None else f"${cost:.4f}",
+            }
+        )
+    accepted = usage.get("images", 0)
+    failed = usage.get("check_failed", 0)
+    return (
+        "## Image generation\n\n"
+        f"{accepted} images accepted, {failed} failed their checks (every run and process of "
+        "the build; cost at list price).\n\n" + _markdown_table(pl.DataFrame(rows)) + "\n"
+    )
+
+
 def count_line(counts: dict) -> str:
     """`in = published + rejected (+ deferred)` in words."""
     line = f"{counts['in']} items in, {counts['published']} published"
@@ -392,7 +419,7 @@ questions that it **should not** reach (locality). It follows BalancEdit (Guo et
 | okedit | {manifest["versions"]["okedit"]} |
 | LLM tokens (prompt / completion) | {tokens.get("prompt", 0)} / {tokens.get("completion", 0)} |
 
-{llm_section(manifest.get("llm"), counts["in"])}
+{llm_section(manifest.get("llm"), counts["in"])}{images_section(manifest.get("images_usage"))}
 
 {plan_section(manifest.get("estimate_vs_actual"))}
 

@@ -10,8 +10,11 @@ objects a stage needs (source, annotator, image backend, model) are made once pe
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -39,6 +42,25 @@ def stamped(results: list) -> list:
             result = result.model_copy(update={"provenance": filled})
         out.append(result)
     return out
+
+
+# this process, among all that work on a build (threads share it; runs and workers do not)
+PROCESS = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def summed(parts: list[dict]) -> dict:
+    """Counts of several processes added up, nested dicts by key; an unknown (None) cost
+    makes the sum unknown."""
+    total: dict = {}
+    for part in parts:
+        for key, value in part.items():
+            if isinstance(value, dict):
+                total[key] = summed([total.get(key, {}), value])
+            elif key in total and (value is None or total[key] is None):
+                total[key] = None
+            else:
+                total[key] = total.get(key, 0) + value if value is not None else None
+    return total
 
 
 def split_ok(results: list) -> tuple[list, list[Rejection]]:
@@ -296,7 +318,10 @@ def retry_deferred(build: ResolvedBuild, work: WorkDir, index: int) -> StageResu
 def images(build: ResolvedBuild, work: WorkDir, index: int) -> StageResult:
     items = {i.item_id: i for i in work.read_ok("gather", index, SourceItem)}
     pairs = [(items[a.item_id], a) for a in work.read_ok("annotate", index, Annotation)]
-    return split_ok(stamped(image_backend(build).make_images(pairs) if pairs else []))
+    backend = image_backend(build)
+    results = backend.make_images(pairs) if pairs else []
+    work.write_stats("images", PROCESS, backend.usage())  # requests and cost, for the manifest
+    return split_ok(stamped(results))
 
 
 def assemble(build: ResolvedBuild, work: WorkDir, index: int) -> StageResult:
@@ -457,6 +482,9 @@ def finalize(build: ResolvedBuild, reports: list[dict[str, dict]] | None = None)
 
         manifest["llm"] = llm_usage(cfg)
     manifest["image_model"] = resolved_image_model(cfg)
+    images_usage = WorkDir(build.out).read_stats("images")
+    if images_usage:  # every process and run of the build, as the images stage counted it
+        manifest["images_usage"] = summed(images_usage)
     if reports:  # this run's wall time, per stage and in all, against the plan's estimate
         manifest["stage_seconds"] = stage_seconds(reports)
         spans = [(r["start"], r["end"]) for chunk in reports for r in chunk.values()]

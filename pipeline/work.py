@@ -100,6 +100,17 @@ class WorkDir:
     def chunk_counts(self, stage: str, index: int) -> dict[str, int]:
         return json.loads(self._chunk(stage, index, "done.json").read_text())
 
+    def write_stats(self, stage: str, process: str, stats: dict) -> None:
+        """What `stage` did in one process so far (cumulative: the last write counts), e.g.
+        image requests and cost, which no chunk file holds."""
+        folder = self.root / "stats"
+        folder.mkdir(parents=True, exist_ok=True)
+        _atomic_write_bytes(folder / f"{stage}-{process}.json", json.dumps(stats).encode())
+
+    def read_stats(self, stage: str) -> list[dict]:
+        """Every process's `write_stats` of `stage`, of every run of this build."""
+        return [json.loads(f.read_text()) for f in sorted(self.root.glob(f"stats/{stage}-*.json"))]
+
     def check(self, fingerprint: str, inputs: dict[str, str] | None = None) -> bool:
         """True when this folder holds this build (resume), False when it is free.
 

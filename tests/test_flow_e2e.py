@@ -170,4 +170,6 @@ def test_manifest_and_card_hold_estimate_against_actual(built):
     assert rows[("validate", "edits")]["actual"] == manifest["stages"]["validate"]["ok"]
     # the run's wall time, not the sum of stages that overlap across chunk tasks
     assert rows[("total", "seconds")]["actual"] == manifest["build_seconds"] > 0
+    # what the images stage made, as it counted it (10 rephrases, 3 near misses, 1 training)
+    assert manifest["images_usage"]["images"] == 14 * manifest["stages"]["images"]["ok"]
     assert "## Estimate vs actual" in (cfg.out / "README.md").read_text()

@@ -597,3 +597,27 @@ def test_retrieve_takes_the_next_neighbour_reindexes_and_exhausts(
     (result,) = make_image_backend(retrieve_settings(small, clip_dir)).make_images([make_pair()])
     assert isinstance(result, Rejection)
     assert "exhausted: no image left in the pool (6 files)" in result.reason
+
+
+def test_image_usage_counts_requests_cache_hits_and_cost_per_backend(
+    images_api: FakeImagesAPI, tmp_path: Path
+) -> None:
+    """What the manifest and the card say of the images stage: the requests the server got,
+    the cache hits of a second process, the list-price cost, summed over processes."""
+    from pipeline.card import images_section
+    from pipeline.stages import summed
+
+    pairs = [make_pair("okvqa-val-1"), make_pair("okvqa-val-2")]
+    first = make_image_backend(openai_settings(images_api), seed=1, cache_dir=tmp_path)
+    first.make_images(pairs)
+    again = make_image_backend(openai_settings(images_api), seed=1, cache_dir=tmp_path)
+    again.make_images(pairs)  # another process of the same build: all from the cache
+    usage = summed([first.usage(), again.usage()])
+    openai_usage = usage["backends"]["openai"]
+    assert openai_usage["requests"] == images_api.requests == 2 * N_IMAGES
+    assert openai_usage["cache_hits"] == 2 * N_IMAGES
+    assert openai_usage["cost_usd"] == pytest.approx(2 * N_IMAGES * 0.016)  # dall-e-2 256²
+    assert usage["images"] == 2 * 2 * N_IMAGES  # accepted by the stage, both processes
+    section = images_section(usage)
+    assert "## Image generation" in section and f"| openai | {2 * N_IMAGES} |" in section
+    assert images_section({"images": 3, "backends": {"render": {}}}) == ""

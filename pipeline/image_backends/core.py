@@ -203,6 +203,16 @@ class _SlotState:
     attempts: int = 0
 
 
+def _chain(generator: Any) -> list[Any]:
+    """`generator` and what it wraps: a cache's inner generator, a fallback's two."""
+    parts = [generator]
+    for attr in ("inner", "primary", "fallback"):
+        wrapped = getattr(generator, attr, None)
+        if wrapped is not None:
+            parts += _chain(wrapped)
+    return parts
+
+
 class ImageMaker:
     """The images stage over any generator: checks, replacements, provenance."""
 
@@ -263,6 +273,24 @@ class ImageMaker:
 
     def report(self) -> dict[str, int]:
         return self.stats.snapshot()
+
+    def usage(self) -> dict[str, Any]:
+        """What this stage did in this process: its own counts (images accepted, checks
+        failed, ...) and, per backend in its chain (the generator, its cache, a fallback),
+        the requests, images, cache hits and the list-price cost where one is known."""
+        backends: dict[str, dict[str, Any]] = {}
+        seen: set[int] = set()  # a cache wrapper counts into its generator's stats
+        for part in _chain(self.generator):
+            counts = backends.setdefault(part.name, {})
+            cost = getattr(part, "cost_usd", None)
+            if callable(cost):
+                counts["cost_usd"] = cost()
+            stats = getattr(part, "stats", None)
+            if stats is not None and id(stats) not in seen:
+                seen.add(id(stats))
+                for key, n in stats.snapshot().items():
+                    counts[key] = counts.get(key, 0) + n
+        return {**self.report(), "backends": backends}
 
     # ---- internals
 
