@@ -46,6 +46,7 @@ def stamped(results: list) -> list:
 
 # this process, among all that work on a build (threads share it; runs and workers do not)
 PROCESS = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+_STATS_LOCK = threading.Lock()
 
 
 def summed(parts: list[dict]) -> dict:
@@ -320,7 +321,8 @@ def images(build: ResolvedBuild, work: WorkDir, index: int) -> StageResult:
     pairs = [(items[a.item_id], a) for a in work.read_ok("annotate", index, Annotation)]
     backend = image_backend(build)
     results = backend.make_images(pairs) if pairs else []
-    work.write_stats("images", PROCESS, backend.usage())  # requests and cost, for the manifest
+    with _STATS_LOCK:  # chunks in threads: the newest counts are written last
+        work.write_stats("images", PROCESS, backend.usage())  # requests and cost, for the manifest
     return split_ok(stamped(results))
 
 

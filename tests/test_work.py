@@ -41,3 +41,19 @@ def test_claim_refuses_foreign_folder(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(BuildExistsError, match="not an okedit build"):
         WorkDir(tmp_path).claim("one", {})
+
+
+def test_threads_write_one_stats_file_at_once(tmp_path):
+    """Chunks of one process run in threads and write the process's stats file each."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    work = WorkDir(tmp_path)
+
+    def write(n: int) -> None:
+        for i in range(30):
+            work.write_stats("images", "this-process", {"images": n * 100 + i})
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(write, range(8)))  # a shared temporary file raised FileNotFoundError
+    (stats,) = work.read_stats("images")
+    assert set(stats) == {"images"}
