@@ -201,17 +201,18 @@ def _build_version(cfg: BuildConfig, root: Path) -> dict:
     from pipeline import work as versions
 
     logger = get_run_logger()
-    fingerprint, inputs = resolve(cfg).fingerprint, resolve(cfg).inputs
+    build = resolve(cfg)
+    fingerprint, inputs = build.fingerprint, build.inputs
     version = versions.version_id(fingerprint, inputs)
     publish = cfg.publish
     # `main` follows the versions only when the config names no branch of its own
     follow_main = bool(publish.repo_id and not publish.revision)
     if follow_main:
         publish = publish.model_copy(update={"revision": versions.version_revision(version)})
-    cfg = cfg.model_copy(update={"out": root / version, "publish": publish})
+    build = build.moved(out=root / version, publish=publish)
+    cfg = build.config
     hub = (publish.repo_id, publish.revision) if publish.repo_id else None
     work = WorkDir(cfg.out)
-    build = resolve(cfg)  # with its version folder as `out`
     resumed = work.claim(fingerprint, build.described, inputs)
     with work.lock(), _own_sigterm():
         record = versions.read_version_record(cfg.out)

@@ -60,7 +60,7 @@ from pipeline.llm import (
 from schemas.record import Annotation, FieldProvenance, Rejection, SourceItem
 
 if TYPE_CHECKING:
-    from pipeline.config import AnnotatorSettings, BuildConfig
+    from pipeline.config import AnnotatorSettings, BuildConfig, ResolvedBuild
 
 __all__ = [
     "PROMPTS_DIR",
@@ -439,17 +439,21 @@ class _ItemRun:
 
 
 def annotator_config(
-    config: BuildConfig | LLMAnnotatorConfig | Mapping[str, Any],
+    config: ResolvedBuild | BuildConfig | LLMAnnotatorConfig | Mapping[str, Any],
 ) -> LLMAnnotatorConfig:
-    """An `LLMAnnotatorConfig` from itself, a plain mapping (tests, benches), or a build's
-    config (its annotator settings, with the build's request account: `build_id`)."""
+    """An `LLMAnnotatorConfig` from itself, a plain mapping (tests, benches), or a build
+    (its annotator settings, with the build's request account: `build_id`); a build's
+    config is resolved here, a resolved build is used as it is."""
     if isinstance(config, LLMAnnotatorConfig):
         return config
     if isinstance(config, Mapping):
         return LLMAnnotatorConfig.model_validate(config)
-    return settings_config(
-        config.annotator, cache_dir=config.cache_dir, seed=config.seed, account=build_id(config)
-    )
+    from pipeline.config import ResolvedBuild, resolve
+
+    build = config if isinstance(config, ResolvedBuild) else resolve(config)
+    cfg = build.config
+    account = build_id(build.fingerprint, cfg.out)
+    return settings_config(cfg.annotator, cache_dir=cfg.cache_dir, seed=cfg.seed, account=account)
 
 
 def settings_config(
@@ -478,18 +482,18 @@ def settings_config(
     )
 
 
-def build_id(config: BuildConfig) -> str:
+def build_id(fingerprint: str, out: Path) -> str:
     """The account of a build in the request database: its fingerprint (which leaves out
     budgets and limits, so a re-run with a raised budget is the same build) and its output
     folder. Every process and every resumed run of the build shares it: one budget, one
     concurrency, one rate limit and one usage report."""
-    where = f"{config.fingerprint()}|{Path(config.out).resolve()}"
+    where = f"{fingerprint}|{Path(out).resolve()}"
     return "build-" + hashlib.sha256(where.encode()).hexdigest()[:16]
 
 
-def llm_usage(config: BuildConfig) -> dict[str, Any]:
+def llm_usage(config: ResolvedBuild | BuildConfig) -> dict[str, Any]:
     """The build's LLM usage report (`pipeline.llm.usage_report`), located from the build
-    config alone: no client is built, no request is sent."""
+    alone: no client is built, no request is sent."""
     llm = annotator_config(config).llm
     report = usage_report(llm.cache_path, llm.build_id or "")
     price = llm.price()
@@ -500,7 +504,7 @@ def llm_usage(config: BuildConfig) -> dict[str, Any]:
 
 
 def make_annotator(
-    config: BuildConfig | LLMAnnotatorConfig | Mapping[str, Any],
+    config: ResolvedBuild | BuildConfig | LLMAnnotatorConfig | Mapping[str, Any],
     on_result: ResultCallback | None = None,
 ) -> LLMAnnotator:
     """The LLM annotator; `config` as accepted by `annotator_config`."""

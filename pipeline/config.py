@@ -59,6 +59,9 @@ LLM_RUNTIME_FIELDS = frozenset(
 )  # fmt: skip
 
 
+# `BuildConfig` settings that say where a build goes and how it spreads, not what it is
+OUTSIDE_IDENTITY = frozenset({"out", "cache_dir", "publish", "scale"})
+
 # `AnnotatorSettings` fields only the LLM annotator reads
 LLM_ANNOTATOR_KNOBS = frozenset({"n_rephrases", "n_text_negatives", "n_votes", "prompts_dir"})
 
@@ -467,7 +470,7 @@ def _describe(cfg: BuildConfig, validation: ResolvedValidation | None) -> dict:
     of defaults is a different build, never a resume of stale validations."""
     from pipeline.llm import redact_secrets
 
-    described = cfg.model_dump(mode="json", exclude={"out", "cache_dir", "publish", "scale"})
+    described = cfg.model_dump(mode="json", exclude=set(OUTSIDE_IDENTITY))
     described["validation"].pop("batch_items")  # the same results either way
     described["annotator"] = cfg.annotator.described()
     if validation is not None:
@@ -502,6 +505,16 @@ class ResolvedBuild(BaseModel):
     def out(self) -> Path:
         return self.config.out
 
+    def moved(self, **update: Any) -> ResolvedBuild:
+        """This build with settings changed that are not part of its identity (`out`,
+        `cache_dir`, `publish`, `scale`): nothing is resolved again."""
+        if not set(update) <= OUTSIDE_IDENTITY:
+            raise ValueError(f"{sorted(set(update) - OUTSIDE_IDENTITY)} define the build")
+        cfg = self.config.model_copy(update=update)
+        return self.model_copy(
+            update={"config": cfg, "key": _cache_key(cfg, self.fingerprint, self.inputs)}
+        )
+
 
 def resolve(cfg: BuildConfig) -> ResolvedBuild:
     """`cfg` with every default applied and its identity computed: done once at the start of
@@ -511,14 +524,19 @@ def resolve(cfg: BuildConfig) -> ResolvedBuild:
 
     validation = resolve_validation(cfg.validation) if cfg.validation.enabled else None
     described = _describe(cfg, validation)
-    fingerprint = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+    blob = json.dumps(described, sort_keys=True).encode()
+    fingerprint = hashlib.sha256(blob).hexdigest()[:16]
     inputs = input_hashes(cfg.source)
-    key = json.dumps([cfg.model_dump(mode="json"), fingerprint, inputs], sort_keys=True)
     return ResolvedBuild(
         config=cfg,
         described=described,
-        fingerprint=fingerprint[:16],
+        fingerprint=fingerprint,
         inputs=inputs,
         validation=validation,
-        key=hashlib.sha256(key.encode()).hexdigest(),
+        key=_cache_key(cfg, fingerprint, inputs),
     )
+
+
+def _cache_key(cfg: BuildConfig, fingerprint: str, inputs: dict[str, str]) -> str:
+    key = json.dumps([cfg.model_dump(mode="json"), fingerprint, inputs], sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()

@@ -57,10 +57,10 @@ def summed(parts: list[dict]) -> dict:
         for key, value in part.items():
             if isinstance(value, dict):
                 total[key] = summed([total.get(key, {}), value])
-            elif key in total and (value is None or total[key] is None):
-                total[key] = None
+            elif key not in total:
+                total[key] = value
             else:
-                total[key] = total.get(key, 0) + value if value is not None else None
+                total[key] = None if value is None or total[key] is None else total[key] + value
     return total
 
 
@@ -81,7 +81,7 @@ def source(build: ResolvedBuild):
 
 @lru_cache(maxsize=4)
 def annotator(build: ResolvedBuild):
-    return make_annotator(build.config)
+    return make_annotator(build)
 
 
 @lru_cache(maxsize=4)
@@ -134,8 +134,9 @@ def _starting(stage: str, index: int) -> None:
         raise BuildStopped(f"stopping: {stage} chunk {index} not started")
 
 
-def make_annotator(cfg: BuildConfig):
+def make_annotator(build: ResolvedBuild):
     """The offline flagworld annotator, or the LLM annotator for real sources."""
+    cfg = build.config
     if cfg.annotator.kind == "offline":
         if cfg.source.name != "flagworld":
             raise ConfigError(
@@ -147,7 +148,7 @@ def make_annotator(cfg: BuildConfig):
         return FlagworldAnnotator(seed=cfg.seed)
     from pipeline.annotate import make_annotator as make_llm_annotator
 
-    return make_llm_annotator(cfg)
+    return make_llm_annotator(build)
 
 
 def annotator_name(build: ResolvedBuild) -> str:
@@ -482,7 +483,7 @@ def finalize(build: ResolvedBuild, reports: list[dict[str, dict]] | None = None)
     if cfg.annotator.kind == "llm":  # every request of the build, as the server counted it
         from pipeline.annotate import llm_usage
 
-        manifest["llm"] = llm_usage(cfg)
+        manifest["llm"] = llm_usage(build)
     manifest["image_model"] = resolved_image_model(cfg)
     images_usage = WorkDir(build.out).read_stats("images")
     if images_usage:  # every process and run of the build, as the images stage counted it
