@@ -125,10 +125,6 @@ def request_stop() -> None:
     stop_llm_requests()
 
 
-def stop_requested() -> bool:
-    return _STOP.is_set()
-
-
 def _starting(stage: str, index: int) -> None:
     if _STOP.is_set():
         raise BuildStopped(f"stopping: {stage} chunk {index} not started")
